@@ -1,0 +1,17 @@
+"""Errors the engine raises for bad input: each names the problem in plain words."""
+
+
+class LgdError(Exception):
+    """Base class: caught at the command line and printed without a traceback."""
+
+
+class ConfigError(LgdError):
+    """An invalid configuration value or combination."""
+
+
+class CheckpointError(LgdError):
+    """A missing, corrupt or mismatched model checkpoint."""
+
+
+class DataError(LgdError):
+    """A missing or malformed dataset."""
