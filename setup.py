@@ -1,7 +1,11 @@
-"""Build hook for the optional C++ extension in csrc/ (added with the fast path).
+"""Package layout, and (with the fast path) the optional C++ extension in csrc/.
 
-Until then setup.py only hands over to setuptools; all metadata lives in pyproject.toml.
+Metadata lives in pyproject.toml. `kernels/` is installed as `lgd.kernels` so that no
+top-level `kernels` module shadows the PyPI project of that name.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-setup()
+setup(
+    packages=find_packages(include=["lgd", "lgd.*"]) + ["lgd.kernels"],
+    package_dir={"lgd.kernels": "kernels"},
+)
