@@ -1,0 +1,301 @@
+"""Run configuration: typed sections, YAML presets, dotted command-line overrides, validation.
+
+A config is validated as a whole before any work starts; every default of method.md that
+the papers leave open is a field here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from lgd.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    dit: str = "demo"  # "demo" (embedded), or a path: official .pt, diffusers folder, lgd .safetensors
+    vae: str = "demo"  # "demo", "identity", or an AutoencoderKL / pipeline folder
+    dit_num_heads: int | None = None  # only if the checkpoint does not tell
+
+
+@dataclass
+class DataSection:
+    name: str = "fashion_mnist_embedded"  # or fashion_mnist, imagenette, imagewoof, imagefolder
+    root: str | None = None
+    image_size: int = 32  # size the generator makes (and real images are resized to)
+    classifier_size: int | None = None  # input size of the classifiers (None: image_size; 224 for Nette/Woof)
+
+
+@dataclass
+class SamplingSection:
+    steps: int = 50
+    cfg_scale: float = 4.0
+    cfg_channels: int | None = None  # None: all latent channels; 3: the official DiT quirk
+    method: str = "ddpm"
+    eta: float = 0.0
+    batch_size: int = 32  # candidates denoised together
+    engine: str = "fast"  # fast (batched) or reference (one image at a time, plain eager fp32)
+
+
+@dataclass
+class TrainSection:
+    """One classifier-training recipe (method.md §7)."""
+
+    network: str = "convnet6"
+    recipe: str = "hard_label"  # hard_label (IDC/Minimax) or dc (DC/DSA ConvNet protocol)
+    epochs: int | None = None  # None: the recipe's default (IPC-dependent for hard_label)
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+
+
+@dataclass
+class LGDSection:
+    omega: float = 0.5
+    lam: float = 15.0
+    # Extra factor on rho_t. method.md's rho_t with lam = 15 moves x_{t-1} by 15x the norm of
+    # eps_hat, which destroys samples; IGD's constant 0.0015 keeps the step in range.
+    rho_scale: float = 0.0015
+    window: tuple[int, int] = (10, 45)  # respaced step indices, inclusive; N-1 is noisiest
+    gamma: float = 50.0  # deviation guidance
+    memory: int = 64  # most recent kept latents per class
+    kappa: int = 3  # candidates per slot
+    stage_model: TrainSection = field(default_factory=TrainSection)
+    reference_model: TrainSection = field(default_factory=lambda: TrainSection(epochs=50))
+
+
+@dataclass
+class IGDSection:
+    k: float = 5.0
+    window: tuple[int, int] = (30, 45)
+    gamma: float = 120.0
+    rho_scale: float = 0.0015
+    checkpoints: int = 4
+    cos_threshold: float = 0.7
+    target_images: int = 200  # real images per class for the target gradients
+    surrogate: TrainSection = field(default_factory=lambda: TrainSection(network="convnet6", recipe="plain", epochs=50))
+
+
+@dataclass
+class StagesSection:
+    ipc: int = 50
+    increment: int = 10
+    seed: str = "igd"  # igd | dit | random
+
+
+@dataclass
+class EvalSection:
+    networks: list[str] = field(default_factory=lambda: ["convnet6", "resnet_ap10", "resnet18"])
+    runs: int = 3
+    baselines: list[str] = field(default_factory=lambda: ["random", "dit", "igd"])
+    recipe: TrainSection = field(default_factory=TrainSection)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    stages: StagesSection = field(default_factory=StagesSection)
+    lgd: LGDSection = field(default_factory=LGDSection)
+    igd: IGDSection = field(default_factory=IGDSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+PRESETS = ("demo", "nette", "woof")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    """Instantiate dataclass `cls` from a (possibly partial) dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, where) for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and isinstance(value, bool) or hint in (int, str) and type(value) is hint:
+        return value
+    raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    text = resources.files("lgd").joinpath("configs", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A preset name or a YAML path, then `section.key=value` overrides (values parsed as YAML)."""
+    data: dict = {}
+    if source is not None:
+        path = Path(source)
+        if str(source) in PRESETS:
+            data = read_preset(str(source))
+        elif path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+            if "preset" in data:
+                data = _merge(read_preset(data.pop("preset")), data)
+        else:
+            raise ConfigError(f"config {source!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_network(name: str, where: str) -> None:
+    from lgd.classifiers import canonical_name
+
+    try:
+        canonical_name(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_recipe(section: TrainSection, where: str) -> None:
+    _check_network(section.network, f"{where}.network")
+    _check(section.recipe in ("hard_label", "dc", "plain"), f"{where}.recipe must be hard_label, dc or plain")
+    _check(section.epochs is None or section.epochs >= 1, f"{where}.epochs must be at least 1")
+    _check(section.lr > 0, f"{where}.lr must be positive")
+    _check(0 <= section.momentum < 1, f"{where}.momentum must be in [0, 1)")
+    _check(section.weight_decay >= 0, f"{where}.weight_decay must be non-negative")
+    _check(section.batch_size >= 1, f"{where}.batch_size must be at least 1")
+
+
+def _check_window(window: tuple[int, int], steps: int, where: str) -> None:
+    lo, hi = window
+    _check(0 <= lo <= hi < steps, f"{where}.window {list(window)} must satisfy 0 <= start <= end < sampling.steps ({steps})")
+
+
+def validate(config: Config) -> None:
+    """Reject every bad value or combination before any work starts (paths are checked too)."""
+    s = config.sampling
+    _check(2 <= s.steps <= 1000, f"sampling.steps must be in 2..1000, got {s.steps}")
+    _check(1.0 <= s.cfg_scale <= 50.0, f"sampling.cfg_scale must be in [1, 50], got {s.cfg_scale}")
+    _check(s.method in ("ddpm", "ddim"), f"sampling.method must be ddpm or ddim, got {s.method!r}")
+    _check(0 <= s.eta <= 1, f"sampling.eta must be in [0, 1], got {s.eta}")
+    _check(s.batch_size >= 1, "sampling.batch_size must be at least 1")
+    _check(s.engine in ("fast", "reference"), f"sampling.engine must be fast or reference, got {s.engine!r}")
+    st = config.stages
+    _check(st.increment >= 1, f"stages.increment must be at least 1, got {st.increment}")
+    _check(st.ipc >= st.increment and st.ipc % st.increment == 0,
+           f"stages.ipc ({st.ipc}) must be a positive multiple of stages.increment ({st.increment})")
+    _check(st.seed in ("igd", "dit", "random"), f"stages.seed must be igd, dit or random, got {st.seed!r}")
+    g = config.lgd
+    _check(g.omega >= 0, f"lgd.omega must be non-negative, got {g.omega}")
+    _check(g.lam >= 0, f"lgd.lam must be non-negative, got {g.lam}")
+    _check(g.rho_scale > 0, f"lgd.rho_scale must be positive, got {g.rho_scale}")
+    _check(g.gamma >= 0, f"lgd.gamma must be non-negative, got {g.gamma}")
+    _check(g.kappa >= 1, f"lgd.kappa must be at least 1, got {g.kappa}")
+    _check(g.memory >= 1, f"lgd.memory must be at least 1, got {g.memory}")
+    _check_window(g.window, s.steps, "lgd")
+    _check_recipe(g.stage_model, "lgd.stage_model")
+    _check_recipe(g.reference_model, "lgd.reference_model")
+    i = config.igd
+    _check(i.k >= 0 and i.gamma >= 0 and i.rho_scale > 0, "igd.k and igd.gamma must be >= 0, igd.rho_scale > 0")
+    _check(i.checkpoints >= 1, f"igd.checkpoints must be at least 1, got {i.checkpoints}")
+    _check(-1 <= i.cos_threshold <= 1, f"igd.cos_threshold must be in [-1, 1], got {i.cos_threshold}")
+    _check(i.target_images >= 1, "igd.target_images must be at least 1")
+    _check_window(i.window, s.steps, "igd")
+    _check_recipe(i.surrogate, "igd.surrogate")
+    e = config.eval
+    _check(e.runs >= 1, f"eval.runs must be at least 1, got {e.runs}")
+    unknown = sorted(set(e.baselines) - {"random", "dit", "igd"})
+    _check(not unknown, f"eval.baselines: unknown {unknown}; choose from random, dit, igd")
+    _check_recipe(e.recipe, "eval.recipe")
+    for network in e.networks:
+        _check_network(network, "eval.networks")
+    from lgd.data import DATASETS
+
+    name = config.data.name.lower().replace("-", "_")
+    _check(name in DATASETS or name == "demo",
+           f"data.name: unknown dataset {config.data.name!r}; valid names: {', '.join(DATASETS)}")
+    _check(config.data.image_size >= 8, "data.image_size must be at least 8")
+    _check(config.device == "auto" or config.device.split(":")[0] in ("cpu", "cuda"),
+           f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    for name, value in (("model.dit", config.model.dit), ("model.vae", config.model.vae)):
+        _check(bool(value), f"{name} is required: the path to the weights on disk")
+        _check(value in ("demo", "identity") or Path(value).exists(), f"{name}: path {value} does not exist")
+    _check(config.model.dit != "identity", "model.dit cannot be 'identity'")
+    if config.data.root is not None:
+        _check(Path(config.data.root).is_dir(), f"data.root: folder {config.data.root} does not exist")
+    _check(config.data.name not in ("imagenette", "imagewoof", "imagefolder") or config.data.root is not None,
+           f"data.root is required for {config.data.name}")

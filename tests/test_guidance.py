@@ -1,0 +1,158 @@
+"""Guidance maths: IGD's double backward, LGD raising S, deviation, rank selection."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lgd.classifiers import build_classifier
+from lgd.guidance import ClassMemory, InfluenceLoss, LearnabilityGuidance, learnability, top1_per_group
+from lgd.guidance.deviation import cosine_gradient, deviation_step
+from lgd.guidance.influence import class_mean_gradients, select_checkpoints
+from lgd.models import create_dit
+from lgd.models.vae import IdentityCodec
+from lgd.sampling import Sampler, SamplerSettings
+from lgd.seeding import NoiseStream
+
+
+def tiny_net(seed, channels=1, classes=3, size=8, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return build_classifier("convnet3", channels, classes, size, width=4).to(dtype).eval()
+
+
+def influence_setup(dtype=torch.float64):
+    model = tiny_net(0, dtype=dtype)
+    checkpoints = []
+    for e in range(2):
+        torch.manual_seed(10 + e)
+        checkpoints.append({k: torch.randn_like(v) * 0.3 for k, v in model.named_parameters()})
+    real = torch.rand(12, 1, 8, 8, dtype=dtype)
+    real_labels = torch.arange(12) % 3
+    targets = torch.stack([class_mean_gradients(model, p, real, real_labels, 3) for p in checkpoints])
+    return InfluenceLoss(model, checkpoints, targets)
+
+
+def test_influence_gradient_matches_finite_differences():
+    loss = influence_setup()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 2])
+    (grad,) = torch.autograd.grad(loss.batched(x, y).sum(), x)
+    h = 1e-6
+    generator = torch.Generator().manual_seed(0)
+    for flat_index in torch.randint(0, x.numel(), (6,), generator=generator).tolist():
+        bump = torch.zeros_like(x).view(-1)
+        bump[flat_index] = h
+        bump = bump.view_as(x)
+        with torch.no_grad():
+            numeric = (loss.batched(x + bump, y).sum() - loss.batched(x - bump, y).sum()) / (2 * h)
+        assert numeric.item() == pytest.approx(grad.view(-1)[flat_index].item(), rel=1e-4, abs=1e-8)
+
+
+def test_batched_influence_equals_one_image_per_checkpoint_path():
+    loss = influence_setup()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 0, 2])
+    batched = loss.batched(x, y)
+    (grad_batched,) = torch.autograd.grad(batched.sum(), x)
+    for b in range(3):
+        per_checkpoint = loss.per_checkpoint(x[b], y[b])
+        assert torch.stack(per_checkpoint).mean().item() == pytest.approx(batched[b].item(), rel=1e-10)
+        grads = [torch.autograd.grad(part, x, retain_graph=True)[0][b] for part in per_checkpoint]
+        torch.testing.assert_close(sum(grads) / len(grads), grad_batched[b], rtol=1e-9, atol=1e-12)
+
+
+def test_checkpoint_selection_keeps_first_and_dissimilar():
+    model = tiny_net(0)
+    base = {k: v.detach().clone() for k, v in model.named_parameters()}
+    torch.manual_seed(1)
+    other = {k: torch.randn_like(v) for k, v in base.items()}
+    trajectory = [base, base, other, other, base]
+    real = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    labels = torch.arange(6) % 3
+    kept, targets = select_checkpoints(model, trajectory, real, labels, 3, count=3, threshold=0.7)
+    assert kept == [0, 2, 4]  # identical neighbours (cosine 1) are skipped
+    assert targets.shape[:2] == (3, 3)
+
+
+def test_cosine_gradient_matches_autograd():
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(4, 10, dtype=torch.float64)
+    (auto,) = torch.autograd.grad(F.cosine_similarity(x, m, dim=1).sum(), x)
+    torch.testing.assert_close(cosine_gradient(x.detach(), m), auto)
+
+
+def test_deviation_moves_away_from_most_similar_memory_entry():
+    memory = ClassMemory(capacity=2)
+    torch.manual_seed(0)
+    entries = torch.randn(3, 4, 2, 2)
+    for e in entries:
+        memory.add(1, e)
+    assert memory.entries(1).shape == (2, 16)  # capacity keeps the most recent two
+    x = entries[2] + 0.1 * torch.randn(4, 2, 2)
+    labels = torch.tensor([1, 0])
+    step = deviation_step(torch.stack([x, x]), labels, memory, gamma=1.0)
+    assert torch.all(step[1] == 0)  # class 0 has no memory
+    before = F.cosine_similarity(x.flatten(), entries[2].flatten(), dim=0)
+    after = F.cosine_similarity((x + step[0]).flatten(), entries[2].flatten(), dim=0)
+    assert after < before
+
+
+def test_top1_per_group_is_the_argmax():
+    scores = torch.tensor([0.1, 0.5, 0.2, 3.0, -1.0, 2.0, 0.0, 0.0, 0.0])
+    assert top1_per_group(scores, 3).tolist() == [1, 3, 6]
+    torch.manual_seed(0)
+    scores = torch.randn(40)
+    winners = top1_per_group(scores, 4)
+    assert torch.equal(scores[winners], scores.view(10, 4).max(dim=1).values)
+
+
+def learnability_sampler():
+    torch.manual_seed(0)
+    dit = create_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=3, learn_sigma=True).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return Sampler(dit.requires_grad_(False), SamplerSettings(steps=10, cfg_scale=2.0), (1, 8, 8))
+
+
+def test_learnability_guidance_raises_S_over_unguided_from_the_same_noise():
+    sampler = learnability_sampler()
+    codec = IdentityCodec(1)
+    student, reference = tiny_net(1, dtype=torch.float32), tiny_net(2, dtype=torch.float32)
+    for net in (student, reference):
+        net.requires_grad_(False)
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def gain(seeds, lam):
+        guidance = LearnabilityGuidance(
+            codec=codec, student=student, reference=reference, alphas_cumprod=sampler.diffusion.alphas_cumprod,
+            omega=0.5, lam=lam, rho_scale=0.01, window=(1, 8), memory=ClassMemory(4), gamma=0.0)
+        with torch.no_grad():
+            plain = sampler.sample(labels, NoiseStream(seeds))
+            guided = sampler.sample(labels, NoiseStream(seeds), guidance)
+            s_plain = learnability(student, reference, codec.decode(plain), labels, 0.5)[0]
+            s_guided = learnability(student, reference, codec.decode(guided), labels, 0.5)[0]
+        assert not guidance.failed
+        return s_guided - s_plain
+
+    gains = torch.stack([gain([seed * 10 + k for k in range(4)], lam=15.0) for seed in range(4)])
+    assert (gains > 0).all(), gains  # every sample of every seed
+    torch.testing.assert_close(gain([0, 1, 2, 3], lam=0.0), torch.zeros(4))  # control: no guidance, no change
+
+
+def test_nonfinite_gradient_marks_candidate_failed():
+    sampler = learnability_sampler()
+    student = tiny_net(1, dtype=torch.float32).requires_grad_(False)
+
+    class Poisoned(torch.nn.Module):
+        def forward(self, images):
+            out = student(images)
+            return torch.cat([out[:1] * float("nan"), out[1:]])
+
+    guidance = LearnabilityGuidance(
+        codec=IdentityCodec(1), student=Poisoned(), reference=student,
+        alphas_cumprod=sampler.diffusion.alphas_cumprod, omega=0.5, lam=15.0, rho_scale=0.01,
+        window=(1, 8), memory=ClassMemory(4), gamma=0.0)
+    with torch.no_grad():
+        latents = sampler.sample(torch.tensor([0, 1]), NoiseStream([1, 2]), guidance)
+    assert guidance.failed == {0}
+    assert torch.isfinite(latents[1]).all()
