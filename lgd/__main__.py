@@ -1,19 +1,30 @@
-"""The `lgd` command line: `python -m lgd <command> ...` or the `lgd` console script."""
+"""The `lgd` command line: `python -m lgd <command> ...` or the `lgd` console script.
+
+Commands: sample (unguided sampling), distill (an LGD run), evaluate and analyze (a run
+directory). Bad input ends with one clear message and exit code 2, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from lgd.errors import LgdError
 
+COMMANDS = {
+    "sample": ("lgd.sample", "unguided class-conditional sampling to PNGs"),
+    "distill": ("lgd.distill", "run LGD distillation into a run directory"),
+    "evaluate": ("lgd.evaluate", "evaluate a run directory (accuracy table, report)"),
+    "analyze": ("lgd.analyze", "the paper's analyses of a run directory"),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from lgd import sample
-
     parser = argparse.ArgumentParser(prog="lgd", description="Learnability-Guided Diffusion dataset distillation")
     commands = parser.add_subparsers(dest="command", required=True)
-    sample.add_arguments(commands.add_parser("sample", help="unguided class-conditional sampling to PNGs"))
+    for name, (module, help_text) in COMMANDS.items():
+        importlib.import_module(module).add_arguments(commands.add_parser(name, help=help_text))
     return parser
 
 
@@ -21,13 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "sample":
-            from lgd.sample import run
-
-            print(run(args))
+        result = importlib.import_module(COMMANDS[args.command][0]).run(args)
     except LgdError as exc:
         print(f"lgd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    if result is not None:
+        print(result)
     return 0
 
 

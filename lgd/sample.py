@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lgd.errors import ConfigError
-from lgd.io import write_json, write_png
+from lgd.files import write_json, write_png
 from lgd.models import load_dit
 from lgd.models.vae import IdentityCodec, load_vae
 from lgd.sampling import Sampler, SamplerSettings

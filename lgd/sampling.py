@@ -25,8 +25,8 @@ class SamplerSettings:
     eta: float = 0.0  # DDIM only
 
     def validate(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise ConfigError(f"sampling steps must be in 1..1000, got {self.steps}")
+        if not 2 <= self.steps <= 1000:
+            raise ConfigError(f"sampling steps must be in 2..1000, got {self.steps}")
         if not 1.0 <= self.cfg_scale <= 50.0:
             raise ConfigError(f"cfg_scale must be in [1, 50], got {self.cfg_scale}")
         if self.method not in ("ddpm", "ddim"):

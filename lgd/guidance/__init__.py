@@ -1,0 +1,16 @@
+"""Guidance for the sampling loop: learnability (LGD), influence (IGD) and deviation."""
+from lgd.guidance.deviation import ClassMemory, deviation_step
+from lgd.guidance.influence import InfluenceGuidance, InfluenceLoss, class_mean_gradients, select_checkpoints
+from lgd.guidance.learnability import LearnabilityGuidance, learnability, top1_per_group
+
+__all__ = [
+    "ClassMemory",
+    "InfluenceGuidance",
+    "InfluenceLoss",
+    "LearnabilityGuidance",
+    "class_mean_gradients",
+    "deviation_step",
+    "learnability",
+    "select_checkpoints",
+    "top1_per_group",
+]

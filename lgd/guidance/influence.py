@@ -1,0 +1,153 @@
+"""Influence guidance (IGD, method.md §5): the seed increment and a baseline.
+
+A generated image should give a surrogate classifier the training gradient that real
+images of its class give. For checkpoints theta_e of the surrogate's training trajectory:
+
+    L_inf(x, c) = mean_e (1 - cos(grad_theta CE(f_theta_e(x), c), g_bar[c, e]))
+
+Its gradient w.r.t. x_t is a double backward. The batched path computes per-sample
+parameter gradients with torch.func (vmap of grad over functional_call) and sums the E
+losses before a single backward; the reference path works one image and one checkpoint at
+a time, as the official code does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from lgd.guidance.deviation import ClassMemory, deviation_step
+from lgd.guidance.common import drop_nonfinite, to_classifier_input
+
+Params = dict[str, torch.Tensor]
+
+
+def class_mean_gradients(
+    model: torch.nn.Module, params: Params, images: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """g_bar[c] = mean CE gradient w.r.t. all parameters over the given images of class c -> [C, P]."""
+    rows = []
+    names = list(params)
+    for c in range(num_classes):
+        mask = labels == c
+        if not mask.any():
+            raise ValueError(f"no real images of class {c} for the influence targets")
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            loss = F.cross_entropy(functional_call(model, leaves, (images[mask],)), labels[mask])
+            grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def select_checkpoints(
+    model: torch.nn.Module,
+    trajectory: list[Params],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    count: int,
+    threshold: float,
+) -> tuple[list[int], torch.Tensor]:
+    """Walk the trajectory; keep a checkpoint whenever the class-averaged cosine of its class
+    gradients to the last kept one drops below `threshold`. Returns (kept epochs, targets [E, C, P])."""
+    kept = [0]
+    targets = [class_mean_gradients(model, trajectory[0], images, labels, num_classes)]
+    for epoch in range(1, len(trajectory)):
+        if len(kept) == count:
+            break
+        current = class_mean_gradients(model, trajectory[epoch], images, labels, num_classes)
+        similarity = F.cosine_similarity(current, targets[-1], dim=1).mean().item()
+        if similarity < threshold:
+            kept.append(epoch)
+            targets.append(current)
+    if len(kept) < count:
+        log.warning("only %d of %d surrogate checkpoints passed the cosine threshold %.2f: epochs %s",
+                    len(kept), count, threshold, kept)
+    return kept, torch.stack(targets)
+
+
+class InfluenceLoss:
+    """L_inf for a batch of images, against fixed checkpoints and class targets."""
+
+    def __init__(self, model: torch.nn.Module, checkpoints: list[Params], targets: torch.Tensor):
+        self.model = model
+        self.checkpoints = [{k: v.detach() for k, v in p.items()} for p in checkpoints]
+        self.targets = targets  # [E, C, P]
+
+    def _ce(self, params: Params, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(self.model, params, (image[None],)), label[None])
+
+    def batched(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample L_inf [B]; per-sample parameter gradients by vmap(grad)."""
+        per_sample_grad = vmap(grad(self._ce), in_dims=(None, 0, 0))
+        losses = []
+        for params, target in zip(self.checkpoints, self.targets):
+            grads = per_sample_grad(params, images, labels)
+            flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+            losses.append(1 - F.cosine_similarity(flat, target[labels], dim=1))
+        return torch.stack(losses).mean(dim=0)
+
+    def per_checkpoint(self, image: torch.Tensor, label: torch.Tensor) -> list[torch.Tensor]:
+        """The reference path: one image, one autograd.grad(create_graph) per checkpoint."""
+        losses = []
+        for params, target in zip(self.checkpoints, self.targets):
+            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            grads = torch.autograd.grad(self._ce(leaves, image, label), list(leaves.values()), create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            losses.append(1 - F.cosine_similarity(flat, target[label], dim=0))
+        return losses
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).pow(2).mean(dim=1).sqrt()
+
+
+class InfluenceGuidance:
+    """x_{t-1} -= k * rho_t * grad_{x_t} L_inf, rho_t = sqrt(1-abar) * rho_scale * rms(eps)/rms(grad);
+    then deviation from the class memory. `reference=True` selects the one-image,
+    one-backward-per-checkpoint path."""
+
+    def __init__(
+        self,
+        *,
+        codec: torch.nn.Module,
+        loss: InfluenceLoss,
+        alphas_cumprod: torch.Tensor,
+        k: float,
+        rho_scale: float,
+        window: tuple[int, int],
+        memory: ClassMemory,
+        gamma: float,
+        classifier_size: int | None = None,
+        reference: bool = False,
+    ):
+        self.codec, self.loss = codec, loss
+        self.alphas_cumprod = alphas_cumprod
+        self.k, self.rho_scale = k, rho_scale
+        self.window, self.memory, self.gamma = window, memory, gamma
+        self.classifier_size = classifier_size
+        self.reference = reference
+        self.failed: set[int] = set()
+
+    def active(self, i: int) -> bool:
+        return self.window[0] <= i <= self.window[1]
+
+    def gradient(self, x_t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
+        if not self.reference:
+            return torch.autograd.grad(self.loss.batched(images, labels).sum(), x_t)[0]
+        if x_t.shape[0] != 1:
+            raise ValueError("the reference influence path works one image at a time")
+        losses = self.loss.per_checkpoint(images[0], labels[0])
+        total = torch.zeros_like(x_t)
+        for e, loss in enumerate(losses):
+            total += torch.autograd.grad(loss / len(losses), x_t, retain_graph=e + 1 < len(losses))[0]
+        return total
+
+    def __call__(self, x_t, i, eps, x0_hat, labels):
+        g = drop_nonfinite(self.gradient(x_t, x0_hat, labels), self.failed, f"influence gradient at step {i}")
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        alpha_bar = self.alphas_cumprod[i].to(g)
+        rho = (1 - alpha_bar).sqrt() * self.rho_scale * rms(eps.detach()) / rms(g).clamp_min(1e-12)
+        return -self.k * rho.view(shape) * g + deviation_step(x_t, labels, self.memory, self.gamma)

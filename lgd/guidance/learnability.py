@@ -1,0 +1,79 @@
+"""Learnability guidance (LGD, method.md §4).
+
+S(x, y) = CE(student(x), y) - omega * CE(reference(x), y): high where the current stage
+model still gets x wrong but the reference model gets it right. Guidance evaluates S on the
+decoded Tweedie estimate and moves x_{t-1} up its gradient w.r.t. x_t; rank selection keeps
+the candidate of highest S in each group of kappa.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lgd.guidance.common import drop_nonfinite, to_classifier_input
+from lgd.guidance.deviation import ClassMemory, deviation_step
+
+
+def learnability(
+    student: torch.nn.Module, reference: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, omega: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (S, CE_student, CE_reference)."""
+    ce_student = F.cross_entropy(student(images), labels, reduction="none")
+    ce_reference = F.cross_entropy(reference(images), labels, reduction="none")
+    return ce_student - omega * ce_reference, ce_student, ce_reference
+
+
+def top1_per_group(scores: torch.Tensor, kappa: int) -> torch.Tensor:
+    """Index (into `scores`) of the highest score in each consecutive group of kappa."""
+    groups = scores.view(-1, kappa)
+    return groups.argmax(dim=1) + torch.arange(groups.shape[0], device=scores.device) * kappa
+
+
+def guidance_scale(alpha_bar: torch.Tensor, eps: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """rho_t = sqrt(1 - alphabar_t) * ||eps|| / ||grad|| per sample, shaped to broadcast."""
+    eps_norm = eps.detach().flatten(1).norm(dim=1)
+    grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    rho = (1 - alpha_bar).sqrt() * eps_norm / grad_norm
+    return rho.view(-1, *([1] * (eps.dim() - 1)))
+
+
+class LearnabilityGuidance:
+    """x_{t-1} += lam * rho_scale * rho_t * grad_{x_t} S, then deviation from the class memory.
+
+    Samples whose gradient is not finite get no correction and are listed in `failed`, so the
+    caller can drop and redraw them.
+    """
+
+    def __init__(
+        self,
+        *,
+        codec: torch.nn.Module,
+        student: torch.nn.Module,
+        reference: torch.nn.Module,
+        alphas_cumprod: torch.Tensor,
+        omega: float,
+        lam: float,
+        rho_scale: float,
+        window: tuple[int, int],
+        memory: ClassMemory,
+        gamma: float,
+        classifier_size: int | None = None,
+    ):
+        self.codec, self.student, self.reference = codec, student, reference
+        self.alphas_cumprod = alphas_cumprod
+        self.omega, self.lam, self.rho_scale = omega, lam, rho_scale
+        self.window, self.memory, self.gamma = window, memory, gamma
+        self.classifier_size = classifier_size
+        self.failed: set[int] = set()
+
+    def active(self, i: int) -> bool:
+        return self.window[0] <= i <= self.window[1]
+
+    def __call__(self, x_t, i, eps, x0_hat, labels):
+        images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
+        scores, _, _ = learnability(self.student, self.reference, images, labels, self.omega)
+        (grad,) = torch.autograd.grad(scores.sum(), x_t)
+        grad = drop_nonfinite(grad, self.failed, f"learnability gradient at step {i}")
+        alpha_bar = self.alphas_cumprod[i].to(grad)
+        rho = self.rho_scale * guidance_scale(alpha_bar, eps, grad)
+        return self.lam * rho * grad + deviation_step(x_t, labels, self.memory, self.gamma)

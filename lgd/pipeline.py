@@ -1,0 +1,398 @@
+"""The LGD distillation run (method.md §3): seed increment, then learnability-guided stages.
+
+    D_1 = seed increment (IGD, plain DiT or random real)
+    theta* = reference classifier trained on the real data
+    for stage k = 2 .. K:
+        theta_{k-1} = classifier trained from scratch on D_{k-1}
+        for each class and new slot: kappa learnability-guided candidates, keep the top S
+    plus the evaluation baselines (plain DiT and IGD sets of the full IPC).
+
+Work is cut into units (one class, a few slots, all their candidates) that are denoised as
+one batch. Everything a unit does depends only on its seeds and on the class memory before
+it, so a resumed run recomputes an interrupted unit bit for bit and skips finished ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from lgd.checkpoints import load_classifier, save_classifier
+from lgd.classifiers import build_classifier
+from lgd.config import Config, TrainSection
+from lgd.data import load_dataset, per_class_subset
+from lgd.errors import ConfigError, LgdError
+from lgd.guidance import (
+    ClassMemory,
+    InfluenceGuidance,
+    InfluenceLoss,
+    LearnabilityGuidance,
+    learnability,
+    select_checkpoints,
+    top1_per_group,
+)
+from lgd.guidance.common import to_classifier_input
+from lgd.files import atomic_path, write_json, write_png, write_tensors
+from lgd.models import load_dit
+from lgd.models.vae import IdentityCodec, load_vae
+from lgd.rundir import image_name, latent_name, load_synthetic, record_name
+from lgd.sampling import Guidance, Sampler, SamplerSettings
+from lgd.seeding import NoiseStream, derive_seed
+from lgd.training import train_classifier
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MAX_REDRAWS = 3
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but CUDA is not available")
+    return device
+
+
+@dataclass
+class Generator:
+    """The generative side: DiT, latent codec and the sampling loop."""
+
+    dit: torch.nn.Module
+    codec: torch.nn.Module
+    sampler: Sampler
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.sampler.diffusion.alphas_cumprod
+
+
+def load_generator(config: Config, device: torch.device) -> Generator:
+    from lgd.demo.models import demo_paths
+
+    demo = demo_paths()
+    dit = load_dit(demo["dit"] if config.model.dit == "demo" else config.model.dit,
+                   num_heads=config.model.dit_num_heads, device=device)
+    dit.eval().requires_grad_(False)
+    if config.model.vae == "identity":
+        codec = IdentityCodec(dit.config.in_channels)
+    else:
+        codec = load_vae(demo["vae"] if config.model.vae == "demo" else config.model.vae, device=device)
+    codec.eval().requires_grad_(False)
+    if codec.latent_channels != dit.config.in_channels:
+        raise ConfigError(f"the VAE makes {codec.latent_channels}-channel latents; the DiT expects {dit.config.in_channels}")
+    if dit.config.input_size * codec.downsample != config.data.image_size:
+        raise ConfigError(
+            f"data.image_size {config.data.image_size} does not match the generator: DiT latents of "
+            f"{dit.config.input_size} px x VAE factor {codec.downsample} = {dit.config.input_size * codec.downsample} px"
+        )
+    s = config.sampling
+    settings = SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta)
+    shape = (dit.config.in_channels, dit.config.input_size, dit.config.input_size)
+    return Generator(dit, codec, Sampler(dit, settings, shape))
+
+
+def read_config_file(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def claim_run_dir(run: Path, config: Config) -> None:
+    """Write the resolved config, or check that a resumed run uses the same one."""
+    wanted = config.to_dict()
+    path = run / "config.yaml"
+    if path.exists():
+        found = read_config_file(run)
+        if found != wanted:
+            diff = sorted(_diff(found, wanted))
+            raise ConfigError(f"{run} was started with a different config ({', '.join(diff[:5])}); "
+                              "use a new --out folder or the same settings")
+        log.info("resuming the run in %s", run)
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(wanted, sort_keys=False))
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+class Distiller:
+    """One distillation run into a run directory (see lgd/rundir.py for the layout)."""
+
+    def __init__(self, config: Config, run: str | Path, progress: bool = True):
+        self.config = config
+        self.run = Path(run)
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.stages = config.stages.ipc // config.stages.increment
+
+    # --- set-up -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        c = self.config
+        claim_run_dir(self.run, c)
+        self.generator = load_generator(c, self.device)
+        self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
+        self.num_classes = self.train_set.num_classes
+        if self.generator.dit.config.num_classes != self.num_classes:
+            raise ConfigError(f"the DiT has {self.generator.dit.config.num_classes} classes, "
+                              f"the dataset {c.data.name} has {self.num_classes}")
+        self.channels = self.train_set.channels
+        if self.generator.codec.image_channels != self.channels:
+            raise ConfigError(f"the generator makes {self.generator.codec.image_channels}-channel images, "
+                              f"the dataset has {self.channels}")
+        self.classifier_size = c.data.classifier_size or c.data.image_size
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else ((0.5,), (0.5,))
+        self.stats = {"mean": list(mean), "std": list(std)}
+
+    def spec(self, network: str) -> dict:
+        return {"name": network, "in_channels": self.channels, "num_classes": self.num_classes,
+                "image_size": self.classifier_size, **self.stats}
+
+    def trained_classifier(self, name: str, section: TrainSection, data, ipc: int | None) -> torch.nn.Module:
+        """Train (or load the cached) classifier models/<name>.safetensors."""
+        path = self.run / "models" / f"{name}.safetensors"
+        if path.exists():
+            return load_classifier(path, self.device)[0].requires_grad_(False)
+        spec = self.spec(section.network)
+        model = build_classifier(**spec).to(self.device)
+        log.info("training the %s classifier (%s, %s recipe)", name, section.network, section.recipe)
+        train_classifier(model, data, section, ipc=ipc, classifier_size=self.classifier_size,
+                         seed=derive_seed(self.config.seed, "classifier", name), device=self.device,
+                         progress=self.progress)
+        save_classifier(model, path, spec)
+        return model.eval().requires_grad_(False)
+
+    # --- generation ---------------------------------------------------------------------
+    def generate(
+        self,
+        root: Path,
+        stage: int,
+        slots: range,
+        memory: ClassMemory,
+        tag: str,
+        make_guidance: Callable[[], Guidance | None],
+        kappa: int = 1,
+        score: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
+    ) -> None:
+        """Fill slots of every class at `stage` under `root`, unit by unit, resuming finished units."""
+        per_unit = max(1, self.config.sampling.batch_size // kappa)
+        units = [(c, list(slots[s : s + per_unit])) for c in range(self.num_classes)
+                 for s in range(0, len(slots), per_unit)]
+        bar = tqdm(total=len(units) * per_unit, desc=f"{root.name} stage {stage}", unit="img",
+                   disable=not self.progress)
+        for cls, unit in units:
+            if all((root / record_name(stage, cls, s)).exists() for s in unit):
+                for s in unit:
+                    memory.add(cls, load_file(str(root / latent_name(stage, cls, s)))["latent"])
+            else:
+                self.generate_unit(root, stage, cls, unit, memory, tag, make_guidance, kappa, score)
+            bar.update(len(unit))
+        bar.close()
+
+    def sample_candidates(self, seeds: list[int], cls: int, guidance: Guidance | None) -> tuple[torch.Tensor, set[int]]:
+        """Final latents for the seeds, and the rows whose guidance or result was not finite.
+        The fast engine denoises them as one batch; the reference engine one at a time."""
+        batches = [seeds] if self.config.sampling.engine == "fast" else [[s] for s in seeds]
+        latents, failed, offset = [], set(), 0
+        for batch in batches:
+            if guidance is not None:
+                guidance.failed = set()
+            labels = torch.full((len(batch),), cls, device=self.device)
+            with torch.no_grad():
+                latents.append(self.generator.sampler.sample(labels, NoiseStream(batch, self.device), guidance))
+            if guidance is not None:
+                failed |= {offset + r for r in guidance.failed}
+            offset += len(batch)
+        latents = torch.cat(latents)
+        failed |= set((~torch.isfinite(latents.flatten(1)).all(dim=1)).nonzero().squeeze(1).tolist())
+        return latents, failed
+
+    def generate_unit(self, root, stage, cls, unit, memory, tag, make_guidance, kappa, score) -> None:
+        seed = self.config.seed
+        keys = [(slot, cand) for slot in unit for cand in range(kappa)]
+        seeds = [derive_seed(seed, tag, stage, cls, slot, cand, 0) for slot, cand in keys]
+        guidance = make_guidance()
+        latents, failed = self.sample_candidates(seeds, cls, guidance)
+        for attempt in range(1, MAX_REDRAWS + 1):
+            if not failed:
+                break
+            rows = sorted(failed)
+            log.warning("redrawing %d candidate(s) of class %d (attempt %d)", len(rows), cls, attempt)
+            for r in rows:
+                seeds[r] = derive_seed(seed, tag, stage, cls, *keys[r], attempt)
+            redrawn, bad = self.sample_candidates([seeds[r] for r in rows], cls, guidance)
+            latents[rows] = redrawn
+            failed = {rows[b] for b in bad}
+        if failed:
+            raise LgdError(f"class {cls}, stage {stage}: candidates kept producing NaN/inf after {MAX_REDRAWS} redraws")
+
+        labels = torch.full((len(seeds),), cls, device=self.device)
+        images = self.generator.codec.decode(latents).clamp(0, 1)
+        if score is not None:
+            s_all, ce_s, ce_r = score(images, labels)
+            winners = top1_per_group(s_all, kappa).tolist()
+        else:
+            s_all = ce_s = ce_r = None
+            winners = list(range(0, len(seeds), kappa))
+        for slot, w in zip(unit, winners):
+            record = {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
+                      "seed": seeds[w], "candidate": w % kappa, "kind": tag}
+            if s_all is not None:
+                group = slice(w - w % kappa, w - w % kappa + kappa)
+                record.update(S=s_all[w].item(), ce_student=ce_s[w].item(), ce_reference=ce_r[w].item(),
+                              candidate_S=s_all[group].tolist())
+            write_png(root / record["file"], images[w])
+            write_tensors(root / latent_name(stage, cls, slot), {"latent": latents[w]})
+            write_json(root / record_name(stage, cls, slot), record)  # last: marks the image finished
+            memory.add(cls, latents[w])
+
+    # --- the three seed methods and LGD --------------------------------------------------
+    def influence_guidance(self, memory: ClassMemory) -> Callable[[], InfluenceGuidance]:
+        loss = self.influence_loss()
+        g = self.config.igd
+        reference = self.config.sampling.engine == "reference"
+        return lambda: InfluenceGuidance(
+            codec=self.generator.codec, loss=loss, alphas_cumprod=self.generator.alphas_cumprod,
+            k=g.k, rho_scale=g.rho_scale, window=g.window, memory=memory, gamma=g.gamma,
+            classifier_size=self.classifier_size, reference=reference)
+
+    def influence_loss(self) -> InfluenceLoss:
+        """IGD's surrogate trajectory, checkpoint selection and class targets (cached)."""
+        if getattr(self, "_influence", None) is not None:
+            return self._influence
+        g = self.config.igd
+        path = self.run / "models" / "surrogate.safetensors"
+        spec = self.spec(g.surrogate.network)
+        model = build_classifier(**spec).to(self.device).eval()
+        if path.exists():
+            tensors = load_file(str(path), device=str(self.device))
+            count = int(tensors["kept"].numel())
+            checkpoints = [{k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{e}/")}
+                           for e in range(count)]
+            targets = tensors["targets"]
+        else:
+            trajectory: list[dict] = []
+            snapshot = lambda epoch, m: trajectory.append({k: v.detach().clone() for k, v in m.named_parameters()})
+            log.info("training IGD's surrogate trajectory (%s, %s epochs)", g.surrogate.network, g.surrogate.epochs)
+            train_classifier(model, self.train_set, g.surrogate, classifier_size=self.classifier_size,
+                             seed=derive_seed(self.config.seed, "surrogate"), device=self.device,
+                             on_epoch=snapshot, progress=self.progress)
+            model.eval()
+            indices = per_class_subset(self.train_set, g.target_images,
+                                       torch.Generator().manual_seed(derive_seed(self.config.seed, "targets")))
+            images, labels = self.real_batch(indices)
+            kept, targets = select_checkpoints(model, trajectory, images, labels, self.num_classes,
+                                               g.checkpoints, g.cos_threshold)
+            checkpoints = [trajectory[e] for e in kept]
+            tensors = {f"{e}/{k}": v for e, p in enumerate(checkpoints) for k, v in p.items()}
+            write_tensors(path, {**tensors, "targets": targets, "kept": torch.tensor(kept)}, {"spec": spec})
+        self._influence = InfluenceLoss(model.requires_grad_(False), checkpoints, targets)
+        return self._influence
+
+    def real_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self.train_set[int(i)] for i in indices]
+        images = torch.stack([p[0] for p in pairs]).to(self.device)
+        labels = torch.tensor([p[1] for p in pairs], device=self.device)
+        return to_classifier_input(images, self.classifier_size), labels
+
+    def write_real(self, root: Path, stage: int, slots: range, memory: ClassMemory) -> None:
+        """The 'random real' seed: real images of each class, stored like generated ones."""
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "random-real", stage))
+        indices = per_class_subset(self.train_set, len(slots), generator)
+        for n, i in enumerate(indices.tolist()):
+            image, cls = self.train_set[i]
+            slot = slots[n % len(slots)]
+            if (root / record_name(stage, cls, slot)).exists():
+                memory.add(cls, load_file(str(root / latent_name(stage, cls, slot)))["latent"])
+                continue
+            latent = self.generator.codec.encode(image[None].to(self.device))[0]
+            write_png(root / image_name(stage, cls, slot), image)
+            write_tensors(root / latent_name(stage, cls, slot), {"latent": latent})
+            write_json(root / record_name(stage, cls, slot),
+                       {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
+                        "kind": "random", "real_index": i})
+            memory.add(cls, latent)
+
+    def seed_increment(self, root: Path, method: str, slots: range, memory: ClassMemory) -> None:
+        if method == "random":
+            self.write_real(root, 1, slots, memory)
+        elif method == "dit":
+            self.generate(root, 1, slots, memory, "dit", lambda: None)
+        else:
+            self.generate(root, 1, slots, memory, "igd", self.influence_guidance(memory))
+
+    def lgd_stage(self, stage: int, memory: ClassMemory, reference: torch.nn.Module) -> None:
+        c = self.config
+        inc = c.stages.increment
+        synthetic = load_synthetic(self.run, stages=list(range(1, stage)))
+        student = self.trained_classifier(f"stage_{stage:02d}", c.lgd.stage_model,
+                                          (synthetic.images, synthetic.labels), ipc=inc * (stage - 1))
+
+        def score(images, labels):
+            with torch.no_grad():
+                x = to_classifier_input(images, self.classifier_size)
+                return learnability(student, reference, x, labels, c.lgd.omega)
+
+        make = lambda: LearnabilityGuidance(
+            codec=self.generator.codec, student=student, reference=reference,
+            alphas_cumprod=self.generator.alphas_cumprod, omega=c.lgd.omega, lam=c.lgd.lam,
+            rho_scale=c.lgd.rho_scale, window=c.lgd.window, memory=memory, gamma=c.lgd.gamma,
+            classifier_size=self.classifier_size)
+        self.generate(self.run, stage, range((stage - 1) * inc, stage * inc), memory, "lgd", make, c.lgd.kappa, score)
+
+    def baseline(self, name: str) -> None:
+        """A full-IPC set of one baseline method under baselines/<name>; shares the seed stage's files."""
+        root = self.run / "baselines" / name
+        slots = range(self.config.stages.ipc)
+        if name == self.config.stages.seed:
+            for record in sorted((self.run / "records" / "01").glob("*.json")):
+                cls, slot = (int(p) for p in record.stem.split("-"))
+                for rel in (image_name(1, cls, slot), latent_name(1, cls, slot), record_name(1, cls, slot)):
+                    _link(self.run / rel, root / rel)
+        memory = ClassMemory(self.config.lgd.memory if name == "dit" else self.config.lgd.memory)
+        self.seed_increment(root, name, slots, memory)
+
+    # --- the whole run ------------------------------------------------------------------
+    def run_all(self) -> Path:
+        self.prepare()
+        c = self.config
+        memory = ClassMemory(c.lgd.memory)
+        self.seed_increment(self.run, c.stages.seed, range(c.stages.increment), memory)
+        if self.stages > 1:
+            real = (self.train_set.images.float() / 255, self.train_set.labels) \
+                if hasattr(self.train_set, "images") else self.train_set
+            reference = self.trained_classifier("reference", c.lgd.reference_model, real, ipc=None)
+            for stage in range(2, self.stages + 1):
+                self.lgd_stage(stage, memory, reference)
+        for name in c.eval.baselines:
+            if name != "random":
+                self.baseline(name)
+        write_json(self.run / "done.json", {"images": c.stages.ipc * self.num_classes, "stages": self.stages})
+        return self.run
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) a finished file into a baseline folder, atomically."""
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
