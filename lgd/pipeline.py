@@ -79,14 +79,15 @@ class Generator:
 def load_generator(config: Config, device: torch.device) -> Generator:
     from lgd.demo.models import demo_paths
 
-    demo = demo_paths()
-    dit = load_dit(demo["dit"] if config.model.dit == "demo" else config.model.dit,
-                   num_heads=config.model.dit_num_heads, device=device)
+    def path(kind: str, value: str):
+        return demo_paths()[kind] if value == "demo" else value
+
+    dit = load_dit(path("dit", config.model.dit), num_heads=config.model.dit_num_heads, device=device)
     dit.eval().requires_grad_(False)
     if config.model.vae == "identity":
         codec = IdentityCodec(dit.config.in_channels)
     else:
-        codec = load_vae(demo["vae"] if config.model.vae == "demo" else config.model.vae, device=device)
+        codec = load_vae(path("vae", config.model.vae), device=device)
     codec.eval().requires_grad_(False)
     if codec.latent_channels != dit.config.in_channels:
         raise ConfigError(f"the VAE makes {codec.latent_channels}-channel latents; the DiT expects {dit.config.in_channels}")
@@ -373,9 +374,7 @@ class Distiller:
         memory = ClassMemory(c.lgd.memory)
         self.seed_increment(self.run, c.stages.seed, range(c.stages.increment), memory)
         if self.stages > 1:
-            real = (self.train_set.images.float() / 255, self.train_set.labels) \
-                if hasattr(self.train_set, "images") else self.train_set
-            reference = self.trained_classifier("reference", c.lgd.reference_model, real, ipc=None)
+            reference = self.trained_classifier("reference", c.lgd.reference_model, self.train_set, ipc=None)
             for stage in range(2, self.stages + 1):
                 self.lgd_stage(stage, memory, reference)
         for name in c.eval.baselines:

@@ -1,0 +1,36 @@
+"""`lgd analyze`: the paper's analyses (method.md §9) of a run directory, then the report.
+
+    python -m lgd analyze runs/nette --sets lgd dit igd --network convnet6 --device cuda
+
+Cross-increment matrix, training dynamics and data cartography of each image set, merged
+into RUN/eval/analyses.json with their plots; RUN/eval/report.md is rewritten.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ANALYSES = ("cross", "dynamics", "cartography")  # as lgd.evaluation.ANALYSES; keeps the parser light
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory written by `lgd distill`")
+    parser.add_argument("--sets", nargs="+", choices=("lgd", "dit", "igd"), help="image sets (default: all present)")
+    parser.add_argument("--analyses", nargs="+", choices=ANALYSES, help="which analyses (default: all)")
+    parser.add_argument("--network", help="classifier (default: the first of the config's eval.networks)")
+    parser.add_argument("--epochs", type=int,
+                        help="training epochs for cross-increment and cartography (default: the eval recipe's, by IPC)")
+    parser.add_argument("--dynamics-epochs", type=int,
+                        help="epochs per increment for training dynamics (default: recipe epochs / increments)")
+    parser.add_argument("--eval-every", type=int, default=1, help="score the test set every N epochs (dynamics)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's device)")
+
+
+def run(args: argparse.Namespace) -> Path:
+    from lgd.evaluation import analyze_run, load_run_config, resolve_device, write_report
+
+    config = load_run_config(args.run_dir)
+    analyze_run(args.run_dir, config, sets=args.sets, network=args.network, analyses=args.analyses,
+                epochs=args.epochs, dynamics_epochs=args.dynamics_epochs, eval_every=args.eval_every,
+                device=resolve_device(args.device or config.device))
+    return write_report(args.run_dir)

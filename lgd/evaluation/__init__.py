@@ -1,0 +1,40 @@
+"""Evaluation of a run directory: the accuracy protocol, the paper's analyses, the report."""
+from lgd.evaluation.analyses import (
+    ANALYSES,
+    analyze_run,
+    cartography_regions,
+    cartography_shares,
+    cross_increment_matrix,
+    data_cartography,
+    increment_ids,
+    training_dynamics,
+)
+from lgd.evaluation.protocol import (
+    SET_ORDER,
+    SET_TITLES,
+    ClassifierFactory,
+    evaluate_run,
+    load_image_sets,
+    load_run_config,
+    resolve_device,
+)
+from lgd.evaluation.report import write_report
+
+__all__ = [
+    "ANALYSES",
+    "SET_ORDER",
+    "SET_TITLES",
+    "ClassifierFactory",
+    "analyze_run",
+    "cartography_regions",
+    "cartography_shares",
+    "cross_increment_matrix",
+    "data_cartography",
+    "evaluate_run",
+    "increment_ids",
+    "load_image_sets",
+    "load_run_config",
+    "resolve_device",
+    "training_dynamics",
+    "write_report",
+]

@@ -1,0 +1,245 @@
+"""The evaluation protocol (method.md §7): train from scratch on an image set, test on real data.
+
+For each network and each image set -- the run's distilled set ("lgd"), baseline sets under
+RUN/baselines/<name>/ in the same layout ("dit", "igd"), and "random" (a random real subset
+of the same IPC) -- train `runs` classifiers from scratch with the config's eval recipe
+(seeds differ per run, are shared across sets so sets are compared on equal initialisations)
+and report the mean and (population) standard deviation of top-1 accuracy, in percent, on the
+real test split. The Random baseline draws a fresh subset for every run, so its spread
+includes the choice of images. Results go to RUN/eval/results.json, rewritten atomically after
+each (network, set) so a long evaluation leaves usable partial results.
+
+Test images: loaded at data.image_size like the synthetic ones, then centre-cropped to the
+classifier size (IDC / Minimax test transform: resize 256, centre crop 224).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lgd.classifiers import build_classifier, canonical_name
+from lgd.config import Config, load_config
+from lgd.errors import ConfigError, DataError
+from lgd.files import write_json
+from lgd.rundir import SyntheticSet, load_synthetic
+from lgd.seeding import derive_seed
+from lgd.training import accuracy, train_classifier
+
+log = logging.getLogger(__name__)
+
+SET_ORDER = ("random", "dit", "igd", "lgd")  # report column order
+SET_TITLES = {"random": "Random", "dit": "DiT", "igd": "IGD", "lgd": "LGD"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but CUDA is not available")
+    return device
+
+
+def load_run_config(run: str | Path) -> Config:
+    """RUN/config.yaml, validated. Evaluation never loads the generator, so its weights need
+    not exist on this machine: the model paths are replaced by the embedded demo ones."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ConfigError(f"run directory {run} does not exist")
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {run} is not a run directory (lgd distill writes config.yaml first)")
+    return load_config(path, ["model.dit=demo", "model.vae=demo"])
+
+
+def classifier_size(config: Config) -> int:
+    return config.data.classifier_size or config.data.image_size
+
+
+@dataclass
+class ClassifierFactory:
+    """Builds fresh classifiers for a dataset: channels, classes, input size and the input
+    statistics (ImageNet mean/std for colour images, 0.5/0.5 otherwise)."""
+
+    channels: int
+    num_classes: int
+    image_size: int
+    overrides: dict = field(default_factory=dict)  # extra constructor arguments (e.g. width for tests)
+
+    def __call__(self, network: str, seed: int) -> nn.Module:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (0.5, 0.5)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            return build_classifier(network, self.channels, self.num_classes, self.image_size, mean, std,
+                                    **self.overrides)
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    if size > min(h, w):
+        return images  # smaller than the classifier: the trainer resizes up instead
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def materialise(dataset, crop: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset as in-memory (uint8 images, labels), centre-cropped to `crop`: scored many
+    times, a folder dataset would otherwise be decoded from disk for every classifier."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor):
+        images, labels = images, dataset.labels
+    else:
+        loader = DataLoader(dataset, batch_size=64, num_workers=min(8, os.cpu_count() or 1))
+        chunks = [(_to_uint8(center_crop(x, crop) if crop else x), y)
+                  for x, y in tqdm(loader, desc="loading test images", unit="batch", leave=False, disable=not progress)]
+        if not chunks:
+            raise DataError("the real test split is empty")
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]).long()
+    return (center_crop(images, crop) if crop else images), labels.long()
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.uint8 else (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _num_classes(data) -> int:
+    n = getattr(data, "num_classes", None)
+    return int(n) if n is not None else int(data[1].max()) + 1
+
+
+def images_per_class(labels: torch.Tensor) -> int:
+    return int(torch.bincount(labels).max())
+
+
+def load_image_sets(run: str | Path, names: list[str]) -> tuple[dict[str, SyntheticSet], dict[str, str]]:
+    """The stored sets among `names` ("lgd" and baselines; not "random") and, for each one
+    that is missing, the reason."""
+    run = Path(run)
+    found, skipped = {}, {}
+    for name in names:
+        root = run if name == "lgd" else run / "baselines" / name
+        if name != "lgd" and not root.is_dir():
+            skipped[name] = f"{root} not found"
+            continue
+        try:
+            found[name] = load_synthetic(root)
+        except DataError as exc:
+            skipped[name] = str(exc)
+    return found, skipped
+
+
+def random_subset(train_data, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ipc` random real images per class (float [0, 1]), drawn with lgd.data.per_class_subset."""
+    from lgd.data import per_class_subset
+
+    indices = per_class_subset(train_data, ipc, torch.Generator().manual_seed(seed))
+    images = getattr(train_data, "images", None)
+    if isinstance(images, torch.Tensor):
+        chosen = images[indices]
+        return (chosen.float() / 255 if chosen.dtype == torch.uint8 else chosen.float()), train_data.labels[indices]
+    pairs = [train_data[int(i)] for i in indices]
+    return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+
+
+def wanted_sets(config: Config, sets: list[str] | None) -> list[str]:
+    names = sets if sets is not None else ["lgd", *config.eval.baselines]
+    unknown = sorted(set(names) - set(SET_ORDER))
+    if unknown:
+        raise ConfigError(f"unknown image set(s) {unknown}; choose from {', '.join(SET_ORDER)}")
+    return [n for n in SET_ORDER if n in names]
+
+
+def evaluate_run(
+    run: str | Path,
+    config: Config,
+    *,
+    networks: list[str] | None = None,
+    runs: int | None = None,
+    epochs: int | None = None,
+    sets: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    train_data=None,
+    test_data=None,
+    model_overrides: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the protocol and write RUN/eval/results.json (accuracies in percent).
+
+    train_data / test_data default to the config's dataset (needed: test always, train only
+    for the Random baseline); model_overrides go to build_classifier (tiny test networks).
+    """
+    run = Path(run)
+    networks = [canonical_name(n) for n in (networks or config.eval.networks)]
+    runs = config.eval.runs if runs is None else runs
+    if runs < 1 or (epochs is not None and epochs < 1):
+        raise ConfigError(f"runs and epochs must be at least 1, got runs={runs}, epochs={epochs}")
+    section = dataclasses.replace(config.eval.recipe, epochs=epochs or config.eval.recipe.epochs)
+    names = wanted_sets(config, sets)
+    device = torch.device(device)
+    size = classifier_size(config)
+
+    synthetic, skipped = load_image_sets(run, [n for n in names if n != "random"])
+    for name, reason in skipped.items():
+        log.warning("skipping the %s set: %s", SET_TITLES[name], reason)
+    ipc = images_per_class(synthetic["lgd"].labels) if "lgd" in synthetic else config.stages.ipc
+    if test_data is None:
+        from lgd.data import load_dataset
+
+        test_data = load_dataset(config.data.name, "test", config.data.root, config.data.image_size)
+    if "random" in names and train_data is None:
+        from lgd.data import load_dataset
+
+        train_data = load_dataset(config.data.name, "train", config.data.root, config.data.image_size)
+    num_classes = _num_classes(test_data)
+    test = materialise(test_data, crop=size, progress=progress)
+    factory = ClassifierFactory(test[0].shape[1], num_classes, size, model_overrides or {})
+
+    def images_of(name: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "random":
+            return random_subset(train_data, ipc, derive_seed(config.seed, "eval-random", r))
+        return synthetic[name].images, synthetic[name].labels
+
+    available = [n for n in names if n == "random" or n in synthetic]
+    results = {
+        "dataset": config.data.name,
+        "classifier_size": size,
+        "recipe": dataclasses.asdict(section),
+        "runs": runs,
+        "test_images": len(test[1]),
+        "sets": {n: {"images": len(synthetic[n]) if n in synthetic else ipc * num_classes,
+                     "ipc": images_per_class(synthetic[n].labels) if n in synthetic else ipc} for n in available},
+        "skipped": skipped,
+        "accuracy": {},
+    }
+    out = run / "eval" / "results.json"
+    bar = tqdm(total=len(networks) * len(available) * runs, desc="evaluate", unit="model", disable=not progress)
+    for network in networks:
+        for name in available:
+            scores = []
+            for r in range(runs):
+                seed = derive_seed(config.seed, "eval", network, r)
+                bar.set_postfix_str(f"{network} {SET_TITLES[name]} run {r + 1}/{runs}")
+                model = factory(network, seed)
+                train_classifier(model, images_of(name, r), section, classifier_size=size, seed=seed,
+                                 device=device, progress=progress)
+                scores.append(100 * accuracy(model, test, device, classifier_size=size))
+                bar.update()
+            t = torch.tensor(scores, dtype=torch.float64)
+            results["accuracy"].setdefault(network, {})[name] = {
+                "mean": float(t.mean()), "std": float(t.std(unbiased=False)), "runs": scores}
+            write_json(out, results)
+    bar.close()
+    write_json(out, results)
+    return results

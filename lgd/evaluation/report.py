@@ -1,0 +1,109 @@
+"""RUN/eval/report.md: the accuracy table, the analysis numbers and the plots, from the JSON
+files that `lgd evaluate` and `lgd analyze` write (either may be missing)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lgd.evaluation.protocol import SET_ORDER, SET_TITLES
+from lgd.files import atomic_path, read_json
+
+NETWORK_TITLES = {
+    **{f"convnet{d}": f"ConvNet-{d}" for d in range(3, 7)},
+    "resnet_ap10": "ResNetAP-10",
+    "resnet18": "ResNet-18",
+}
+
+
+def _title(name: str) -> str:
+    return SET_TITLES.get(name, name)
+
+
+def _ordered(names) -> list[str]:
+    return sorted(names, key=lambda n: SET_ORDER.index(n) if n in SET_ORDER else len(SET_ORDER))
+
+
+def _recipe(recipe: dict) -> str:
+    epochs = recipe["epochs"] if recipe.get("epochs") else "by IPC"
+    return f"{recipe['recipe']} recipe, {epochs} epochs"
+
+
+def accuracy_section(results: dict) -> list[str]:
+    sets = _ordered(results["sets"])
+    lines = [
+        "## Top-1 accuracy on the real test set (%)",
+        "",
+        f"Dataset {results['dataset']}, classifier input {results['classifier_size']} px, {_recipe(results['recipe'])}; "
+        f"mean ± std over {results['runs']} run(s) from scratch, {results['test_images']} real test images.",
+        "",
+        "| Network | " + " | ".join(_title(s) for s in sets) + " |",
+        "|---|" + "---|" * len(sets),
+    ]
+    for network, cells in results["accuracy"].items():
+        row = [f"{cells[s]['mean']:.1f} ± {cells[s]['std']:.1f}" if s in cells else "–" for s in sets]
+        lines.append(f"| {NETWORK_TITLES.get(network, network)} | " + " | ".join(row) + " |")
+    lines += ["", "Images per class: " + ", ".join(f"{_title(s)} {results['sets'][s]['ipc']}" for s in sets) + "."]
+    for name, reason in results.get("skipped", {}).items():
+        lines += ["", f"Not evaluated: {_title(name)} ({reason})."]
+    return lines + [""]
+
+
+def analyses_section(analyses: dict) -> list[str]:
+    sets = {n: analyses["sets"][n] for n in _ordered(analyses["sets"])}
+    network = NETWORK_TITLES.get(analyses["network"], analyses["network"])
+    lines = ["## Analyses", "", f"Classifier {network}, {_recipe(analyses['recipe'])}.", ""]
+
+    cross = {n: r["cross_increment"] for n, r in sets.items() if "cross_increment" in r}
+    if cross:
+        lines += ["### Cross-increment accuracy (%)", "",
+                  "Trained on one increment, tested on the synthetic images of each increment; "
+                  "a low off-diagonal mean means the increments teach different things.", "",
+                  "| Set | increments | off-diagonal mean | diagonal mean |", "|---|---|---|---|"]
+        for n, r in cross.items():
+            off = f"{r['off_diagonal_mean']:.1f}" if r["off_diagonal_mean"] is not None else "–"
+            lines.append(f"| {_title(n)} | {len(r['increments'])} | {off} | {r['diagonal_mean']:.1f} |")
+        lines += [""] + [f"![{_title(n)} cross-increment matrix]({r['plot']})" for n, r in cross.items()] + [""]
+
+    dynamics = {n: r["dynamics"] for n, r in sets.items() if "dynamics" in r}
+    if dynamics:
+        lines += ["### Training dynamics", "",
+                  "One classifier, increments added one at a time "
+                  "(real test top-1 % at the end of each increment, and the gain of each new one).", "",
+                  "| Set | epochs per increment | accuracy after each increment | gains |", "|---|---|---|---|"]
+        for n, r in dynamics.items():
+            accs = " → ".join(f"{a:.1f}" for a in r["final_accuracy"])
+            gains = " / ".join(f"{g:+.1f}" for g in r["gains"]) or "–"
+            lines.append(f"| {_title(n)} | {r['epochs_per_increment']} | {accs} | {gains} |")
+        if analyses.get("dynamics_plot"):
+            lines += ["", f"![training dynamics]({analyses['dynamics_plot']})"]
+        lines.append("")
+
+    carto = {n: r["cartography"] for n, r in sets.items() if "cartography" in r}
+    if carto:
+        t = next(iter(carto.values()))["thresholds"]
+        lines += ["### Data cartography", "",
+                  f"Per sample, the mean (confidence) and std (variability) of its true-class probability over "
+                  f"training. Easy: confidence ≥ {t['easy']} and variability < {t['variable']}; hard: confidence "
+                  f"≤ {t['hard']} and variability < {t['variable']}; ambiguous (informative): the rest.", "",
+                  "| Set | epochs | easy | ambiguous | hard |", "|---|---|---|---|---|"]
+        for n, r in carto.items():
+            s = r["shares"]
+            lines.append(f"| {_title(n)} | {r['epochs']} | {s['easy']:.1%} | {s['ambiguous']:.1%} | {s['hard']:.1%} |")
+        lines += [""] + [f"![{_title(n)} data cartography]({r['plot']})" for n, r in carto.items()] + [""]
+    return lines
+
+
+def write_report(run: str | Path) -> Path:
+    """Write RUN/eval/report.md (atomically) and return its path."""
+    eval_dir = Path(run) / "eval"
+    lines = [f"# Evaluation report: {Path(run).resolve().name}", ""]
+    results, analyses = eval_dir / "results.json", eval_dir / "analyses.json"
+    if results.is_file():
+        lines += accuracy_section(read_json(results))
+    if analyses.is_file():
+        lines += analyses_section(read_json(analyses))
+    if not (results.is_file() or analyses.is_file()):
+        lines += ["Nothing evaluated yet: run `lgd evaluate` or `lgd analyze` on this run directory.", ""]
+    path = eval_dir / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return path

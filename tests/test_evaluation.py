@@ -1,0 +1,245 @@
+"""Evaluation protocol, analyses and report on a tiny fake run directory (CPU, seconds)."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from lgd.__main__ import main
+from lgd.classifiers import build_classifier
+from lgd.config import TrainSection
+from lgd.data import TensorImageDataset
+from lgd.errors import ConfigError
+from lgd.evaluation import (
+    analyze_run,
+    cartography_regions,
+    cartography_shares,
+    cross_increment_matrix,
+    data_cartography,
+    evaluate_run,
+    increment_ids,
+    load_run_config,
+    training_dynamics,
+    write_report,
+)
+from lgd.files import write_json, write_png
+from lgd.rundir import SyntheticSet, image_name, load_synthetic, record_name
+
+SIZE = 16
+CLASSES = 10  # the embedded Fashion-MNIST subset the fake run's config names
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine, thread contention made these
+    tiny trainings ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pattern(cls: int, size: int = SIZE, noise: float = 0.1, generator=None) -> torch.Tensor:
+    """A grey image whose bright row band encodes the class: easy to learn, easy to check."""
+    img = noise * torch.rand(1, size, size, generator=generator)
+    band = size // CLASSES + 1
+    start = (cls * size) // CLASSES
+    img[:, start : start + band] += 0.8
+    return img.clamp(0, 1)
+
+
+def write_set(root, stages: int, per_stage: int, single_stage: bool = False, seed: int = 0) -> None:
+    """Images and records in the lgd.rundir layout; single_stage = a baseline made in one go."""
+    g = torch.Generator().manual_seed(seed)
+    for stage in range(1, stages + 1):
+        for cls in range(CLASSES):
+            for k in range(per_stage):
+                slot = (stage - 1) * per_stage + k
+                st = 1 if single_stage else stage
+                write_png(root / image_name(st, cls, slot), pattern(cls, generator=g))
+                write_json(root / record_name(st, cls, slot),
+                           {"file": image_name(st, cls, slot), "stage": st, "class": cls, "slot": slot})
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    write_set(run, stages=2, per_stage=1)
+    write_set(run / "baselines" / "dit", stages=2, per_stage=1, single_stage=True, seed=1)
+    config = {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"name": "fashion_mnist_embedded", "image_size": SIZE},
+        "stages": {"ipc": 2, "increment": 1, "seed": "dit"},
+        "eval": {"networks": ["convnet3"], "runs": 2, "baselines": ["random", "dit", "igd"],
+                 "recipe": {"recipe": "plain", "epochs": 1, "batch_size": 8}},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def tiny_data(n_per_class=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(CLASSES).repeat_interleave(n_per_class)
+    images = torch.stack([pattern(int(c), generator=g) for c in labels])
+    return TensorImageDataset((images * 255).round().to(torch.uint8), labels, [str(c) for c in range(CLASSES)])
+
+
+def tiny_factory(size=SIZE, classes=CLASSES):
+    def make(seed):
+        torch.manual_seed(seed)
+        return build_classifier("convnet3", 1, classes, size, width=8)
+    return make
+
+
+# ------------------------------------------------------------------ protocol and report
+
+
+def test_evaluate_run_end_to_end_with_injected_data(run_dir):
+    config = load_run_config(run_dir)
+    results = evaluate_run(run_dir, config, train_data=tiny_data(), test_data=tiny_data(seed=1),
+                           model_overrides={"width": 8}, progress=False)
+    cells = results["accuracy"]["convnet3"]
+    assert list(cells) == ["random", "dit", "lgd"]  # igd is missing: skipped, said so
+    assert "igd" in results["skipped"] and "not found" in results["skipped"]["igd"]
+    for cell in cells.values():
+        assert len(cell["runs"]) == 2 and 0 <= cell["mean"] <= 100 and cell["std"] >= 0
+    assert results["sets"]["random"]["ipc"] == results["sets"]["lgd"]["ipc"] == 2
+    on_disk = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert on_disk["accuracy"] == results["accuracy"]
+
+    report = write_report(run_dir).read_text()
+    assert "| Network | Random | DiT | LGD |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| ConvNet-3 |"))
+    assert row.count("±") == 3
+    assert "Not evaluated: IGD" in report
+
+
+def test_evaluate_is_deterministic(run_dir):
+    config = load_run_config(run_dir)
+    kwargs = dict(sets=["lgd"], runs=1, test_data=tiny_data(seed=1), model_overrides={"width": 8}, progress=False)
+    a = evaluate_run(run_dir, config, **kwargs)["accuracy"]
+    b = evaluate_run(run_dir, config, **kwargs)["accuracy"]
+    assert a == b
+
+
+def test_evaluate_command_on_the_embedded_dataset(run_dir, capsys):
+    code = main(["evaluate", str(run_dir), "--runs", "1", "--sets", "lgd", "dit", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    report = (run_dir / "eval" / "report.md").read_text()
+    assert "| Network | DiT | LGD |" in report and "| ConvNet-3 |" in report
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["test_images"] == 1000 and results["recipe"]["epochs"] == 1
+
+
+def test_commands_report_a_missing_run_dir_or_config(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        load_run_config(tmp_path)
+
+
+def test_bad_arguments_are_config_errors(run_dir):
+    config = load_run_config(run_dir)
+    with pytest.raises(ConfigError, match="unknown classifier"):
+        evaluate_run(run_dir, config, networks=["vgg"], test_data=tiny_data(), progress=False)
+    with pytest.raises(ConfigError, match="runs"):
+        evaluate_run(run_dir, config, runs=0, test_data=tiny_data(), progress=False)
+    with pytest.raises(ConfigError, match="image set"):
+        evaluate_run(run_dir, config, sets=["minimax"], test_data=tiny_data(), progress=False)
+
+
+# ------------------------------------------------------------------ analyses
+
+
+def test_increment_ids_use_stages_or_split_a_single_stage_set(run_dir):
+    staged = load_synthetic(run_dir)
+    assert increment_ids(staged, 1).tolist() == staged.increments.tolist()
+    single = load_synthetic(run_dir / "baselines" / "dit")
+    assert single.increments.unique().tolist() == [1]
+    ids = increment_ids(single, 1)
+    for c in range(CLASSES):
+        assert sorted(ids[single.labels == c].tolist()) == [1, 2]
+
+
+def test_cross_increment_matrix_shape_and_diagonal_semantics():
+    # increment 2 = increment 1's images with labels rotated: a model trained on one
+    # increment is right on its own images (diagonal) and wrong on the other's.
+    data = tiny_data(n_per_class=2)
+    images = data.images.float() / 255
+    labels = torch.cat([data.labels, (data.labels + 1) % CLASSES])
+    images = torch.cat([images, images])
+    increments = torch.tensor([1] * len(data.labels) + [2] * len(data.labels))
+    section = TrainSection(recipe="plain", epochs=15, lr=0.05, batch_size=10)
+    result = cross_increment_matrix(images, labels, increments, tiny_factory(), section, progress=False)
+    m = torch.tensor(result["matrix"])
+    assert m.shape == (2, 2) and result["increments"] == [1, 2]
+    assert m.diagonal().min() >= 90 and m[0, 1] <= 10 and m[1, 0] <= 10
+    assert result["off_diagonal_mean"] == pytest.approx(float((m[0, 1] + m[1, 0]) / 2))
+
+
+def test_cartography_regions_and_shares():
+    confidence = torch.tensor([0.9, 0.9, 0.5, 0.1, 0.1])
+    variability = torch.tensor([0.1, 0.3, 0.1, 0.1, 0.25])
+    regions = cartography_regions(confidence, variability)
+    assert regions == ["easy", "ambiguous", "ambiguous", "hard", "ambiguous"]
+    shares = cartography_shares(regions)
+    assert shares == pytest.approx({"easy": 0.2, "ambiguous": 0.6, "hard": 0.2})
+    g = torch.Generator().manual_seed(0)
+    random_shares = cartography_shares(cartography_regions(torch.rand(50, generator=g), 0.5 * torch.rand(50, generator=g)))
+    assert sum(random_shares.values()) == pytest.approx(1.0)
+
+
+def test_data_cartography_and_dynamics_on_a_tiny_set():
+    data = tiny_data(n_per_class=2)
+    images, labels = data.images.float() / 255, data.labels
+    increments = torch.tensor([1, 2] * (len(labels) // 2))
+    section = TrainSection(recipe="plain", epochs=3, batch_size=10)
+    carto = data_cartography(images, labels, increments, tiny_factory(), section, progress=False)
+    assert carto["epochs"] == 3 and len(carto["confidence"]) == len(labels)
+    assert sum(carto["shares"].values()) == pytest.approx(1.0)
+    for shares in carto["shares_per_increment"].values():
+        assert sum(shares.values()) == pytest.approx(1.0)
+    dyn = training_dynamics(images, labels, increments, tiny_factory(), section, (images, labels),
+                            epochs_per_increment=2, progress=False)
+    assert len(dyn["loss"]) == 4 and dyn["test_epochs"] == [1, 2, 3, 4]
+    assert len(dyn["final_accuracy"]) == 2 and dyn["gains"] == [pytest.approx(dyn["final_accuracy"][1] - dyn["final_accuracy"][0])]
+
+
+def test_analyze_run_writes_json_plots_and_report(run_dir):
+    config = load_run_config(run_dir)
+    result = analyze_run(run_dir, config, epochs=2, dynamics_epochs=1, test_data=tiny_data(seed=1),
+                         model_overrides={"width": 8}, progress=False)
+    assert set(result["sets"]) == {"lgd", "dit"} and "igd" in result["skipped"]
+    for name in ("lgd", "dit"):
+        r = result["sets"][name]
+        assert len(r["cross_increment"]["matrix"]) == 2
+        assert len(r["dynamics"]["final_accuracy"]) == 2
+        assert sum(r["cartography"]["shares"].values()) == pytest.approx(1.0)
+        for plot in (f"cross_increment_{name}.png", f"cartography_{name}.png"):
+            assert (run_dir / "eval" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "eval" / "dynamics.png").is_file()
+    # a later partial analysis keeps the earlier results
+    analyze_run(run_dir, config, sets=["lgd"], analyses=["cross"], epochs=1, model_overrides={"width": 8},
+                progress=False)
+    kept = json.loads((run_dir / "eval" / "analyses.json").read_text())
+    assert "cartography" in kept["sets"]["lgd"] and "dynamics" in kept["sets"]["dit"]
+
+    report = write_report(run_dir).read_text()
+    for needle in ("Cross-increment", "off-diagonal", "Training dynamics", "Data cartography",
+                   "![LGD cross-increment matrix](cross_increment_lgd.png)", "![training dynamics](dynamics.png)"):
+        assert needle in report
+
+
+def test_analyze_command(run_dir, capsys):
+    code = main(["analyze", str(run_dir), "--sets", "lgd", "--analyses", "cross", "cartography", "--epochs", "1",
+                 "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "Data cartography" in (run_dir / "eval" / "report.md").read_text()
+
+
+def test_synthetic_set_helper_types():
+    s = SyntheticSet(torch.rand(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 1, 1]))
+    assert increment_ids(s, 1).tolist() == [1, 2, 1, 2]

@@ -1,0 +1,104 @@
+"""The distillation run end to end on tiny random models: layout, rank selection, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lgd.config import load_config
+from lgd.pipeline import Distiller
+from lgd.rundir import finished_records, load_synthetic
+from tests.helpers import tiny_dit_file, tiny_vae_folder
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny_dit_file(root / "dit.safetensors", num_classes=10), tiny_vae_folder(root / "vae", image_channels=1)
+
+
+def tiny_overrides(models, **extra):
+    dit, vae = models
+    values = {
+        "model.dit": str(dit), "model.vae": str(vae), "data.image_size": 8,
+        "sampling.steps": 6, "sampling.cfg_scale": 2.0, "sampling.batch_size": 4,
+        "stages.ipc": 4, "stages.increment": 2, "stages.seed": "igd",
+        "lgd.kappa": 2, "lgd.window": [1, 4], "lgd.rho_scale": 0.01,
+        "lgd.stage_model": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 32},
+        "lgd.reference_model": {"network": "convnet3", "recipe": "plain", "epochs": 1, "batch_size": 128},
+        "igd.window": [2, 4], "igd.target_images": 5, "igd.checkpoints": 2, "igd.cos_threshold": 0.999,
+        "igd.surrogate": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 256},
+        "eval.baselines": ["dit"],
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def files(run: Path) -> dict[str, bytes]:
+    """Every output file except the caches of trained models (compared separately)."""
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def test_run_layout_records_and_rank_selection(tiny_models, tmp_path):
+    config = load_config("demo", tiny_overrides(tiny_models))
+    run = Distiller(config, tmp_path / "run", progress=False).run_all()
+    records = finished_records(run)
+    assert len(records) == 10 * 4
+    assert {r["stage"] for r in records} == {1, 2}
+    for r in records:
+        image = np.asarray(Image.open(run / r["file"]))
+        assert image.shape == (8, 8) and image.dtype == np.uint8
+        latent = load_file(str(run / f"latents/{r['stage']:02d}/{r['class']:04d}-{r['slot']:05d}.safetensors"))["latent"]
+        assert latent.shape == (4, 4, 4) and torch.isfinite(latent).all()
+        if r["stage"] == 2:  # learnability rank selection kept the top S of its kappa candidates
+            assert len(r["candidate_S"]) == 2
+            assert r["S"] == max(r["candidate_S"])
+            assert r["S"] == pytest.approx(r["ce_student"] - 0.5 * r["ce_reference"], abs=1e-5)
+        else:
+            assert r["kind"] == "igd"
+    synthetic = load_synthetic(run)
+    assert synthetic.images.shape == (40, 1, 8, 8) and synthetic.labels.bincount().tolist() == [4] * 10
+    assert (run / "models/reference.safetensors").exists() and (run / "models/stage_02.safetensors").exists()
+    assert len(finished_records(run / "baselines/dit")) == 40
+    assert (run / "done.json").exists()
+
+
+def test_resumed_after_kill_equals_uninterrupted(tiny_models, tmp_path):
+    """Kill the run (SIGKILL) in the middle of the LGD stage, rerun the command, compare."""
+    overrides = tiny_overrides(tiny_models, **{"eval.baselines": []})
+    command = [sys.executable, "-m", "lgd", "distill", "--config", "demo", "--no-progress"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run([*command, "--out", str(whole), *overrides], check=True, env=env, capture_output=True)
+
+    process = subprocess.Popen([*command, "--out", str(broken), *overrides], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list((broken / "records" / "02").glob("*.json"))) < 5 and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stage_two = len(list((broken / "records" / "02").glob("*.json")))
+    assert 5 <= stage_two < 20, "the kill should land mid-stage"
+
+    subprocess.run([*command, "--out", str(broken), *overrides], check=True, env=env, capture_output=True)
+    assert files(broken) == files(whole)
+
+
+def test_changed_config_on_existing_run_is_refused(tiny_models, tmp_path):
+    from lgd.errors import ConfigError
+
+    run = tmp_path / "run"
+    Distiller(load_config("demo", tiny_overrides(tiny_models, **{"eval.baselines": []})), run, progress=False).prepare()
+    with pytest.raises(ConfigError, match="stages.ipc"):
+        Distiller(load_config("demo", tiny_overrides(tiny_models, **{"stages.ipc": 6})), run, progress=False).prepare()
