@@ -131,6 +131,20 @@ def _diff(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def dit_class_map(dataset, dit_classes: int) -> list[int]:
+    """The DiT label of each dataset class: the same index, or the ImageNet-1K index of its
+    WordNet id when a 1000-class DiT generates an ImageNet subset (ImageNette, ImageWoof)."""
+    from lgd.data import IMAGENET_INDEX
+
+    if dit_classes == dataset.num_classes:
+        return list(range(dit_classes))
+    wnids = getattr(dataset, "class_ids", None)
+    if dit_classes == 1000 and wnids and all(w in IMAGENET_INDEX for w in wnids):
+        return [IMAGENET_INDEX[w] for w in wnids]
+    raise ConfigError(f"the DiT has {dit_classes} classes and the dataset {dataset.num_classes}, and its "
+                      "classes are not ImageNet WordNet ids that a 1000-class DiT could generate")
+
+
 class Distiller:
     """One distillation run into a run directory (see lgd/rundir.py for the layout)."""
 
@@ -148,9 +162,7 @@ class Distiller:
         self.generator = load_generator(c, self.device)
         self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
         self.num_classes = self.train_set.num_classes
-        if self.generator.dit.config.num_classes != self.num_classes:
-            raise ConfigError(f"the DiT has {self.generator.dit.config.num_classes} classes, "
-                              f"the dataset {c.data.name} has {self.num_classes}")
+        self.dit_classes = dit_class_map(self.train_set, self.generator.dit.config.num_classes)
         self.channels = self.train_set.channels
         if self.generator.codec.image_channels != self.channels:
             raise ConfigError(f"the generator makes {self.generator.codec.image_channels}-channel images, "
@@ -163,13 +175,19 @@ class Distiller:
         return {"name": network, "in_channels": self.channels, "num_classes": self.num_classes,
                 "image_size": self.classifier_size, **self.stats}
 
+    def new_classifier(self, spec: dict, name: str) -> torch.nn.Module:
+        """A freshly initialised classifier whose weights depend only on (run seed, name)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "init", name))
+            return build_classifier(**spec).to(self.device)
+
     def trained_classifier(self, name: str, section: TrainSection, data, ipc: int | None) -> torch.nn.Module:
         """Train (or load the cached) classifier models/<name>.safetensors."""
         path = self.run / "models" / f"{name}.safetensors"
         if path.exists():
             return load_classifier(path, self.device)[0].requires_grad_(False)
         spec = self.spec(section.network)
-        model = build_classifier(**spec).to(self.device)
+        model = self.new_classifier(spec, name)
         log.info("training the %s classifier (%s, %s recipe)", name, section.network, section.recipe)
         train_classifier(model, data, section, ipc=ipc, classifier_size=self.classifier_size,
                          seed=derive_seed(self.config.seed, "classifier", name), device=self.device,
@@ -212,9 +230,11 @@ class Distiller:
         for batch in batches:
             if guidance is not None:
                 guidance.failed = set()
-            labels = torch.full((len(batch),), cls, device=self.device)
+            labels = torch.full((len(batch),), self.dit_classes[cls], device=self.device)
+            targets = torch.full((len(batch),), cls, device=self.device)
             with torch.no_grad():
-                latents.append(self.generator.sampler.sample(labels, NoiseStream(batch, self.device), guidance))
+                latents.append(self.generator.sampler.sample(labels, NoiseStream(batch, self.device), guidance,
+                                                             targets=targets))
             if guidance is not None:
                 failed |= {offset + r for r in guidance.failed}
             offset += len(batch)
@@ -278,7 +298,7 @@ class Distiller:
         g = self.config.igd
         path = self.run / "models" / "surrogate.safetensors"
         spec = self.spec(g.surrogate.network)
-        model = build_classifier(**spec).to(self.device).eval()
+        model = self.new_classifier(spec, "surrogate").eval()
         if path.exists():
             tensors = load_file(str(path), device=str(self.device))
             count = int(tensors["kept"].numel())

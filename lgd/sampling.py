@@ -65,8 +65,12 @@ class Sampler:
             return self.dit(x, t, labels)
         return self.dit.forward_with_cfg(x, t, labels, s.cfg_scale, s.cfg_channels)
 
-    def step(self, x: torch.Tensor, i: int, labels: torch.Tensor, noise: NoiseStream, guidance: Guidance | None):
-        """One reverse step from index i; returns (x_{i-1}, x0_hat), both detached."""
+    def step(
+        self, x: torch.Tensor, i: int, labels: torch.Tensor, noise: NoiseStream,
+        guidance: Guidance | None = None, targets: torch.Tensor | None = None,
+    ):
+        """One reverse step from index i; returns (x_{i-1}, x0_hat), both detached.
+        `labels` condition the DiT; `targets` (default: labels) are the classes guidance sees."""
         guided = guidance is not None and guidance.active(i)
         step_noise = noise.randn(*self.latent_shape).to(x.dtype)
         with torch.set_grad_enabled(guided):
@@ -78,16 +82,17 @@ class Sampler:
                 x_prev, x0_hat = self.diffusion.ddim_step(out, x_t, i, eta=self.settings.eta, noise=step_noise)
             if guided:
                 eps = out[:, : self.latent_shape[0]]
-                x_prev = x_prev + guidance(x_t, i, eps, x0_hat, labels)
+                x_prev = x_prev + guidance(x_t, i, eps, x0_hat, labels if targets is None else targets)
         return x_prev.detach(), x0_hat.detach()
 
     def sample(
-        self, labels: torch.Tensor, noise: NoiseStream, guidance: Guidance | None = None, progress=None
+        self, labels: torch.Tensor, noise: NoiseStream, guidance: Guidance | None = None, progress=None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final latents for `labels`, one noise stream per sample (seeded, batch-independent)."""
         x = noise.randn(*self.latent_shape)
         for i in reversed(range(self.settings.steps)):
-            x, _ = self.step(x, i, labels, noise, guidance)
+            x, _ = self.step(x, i, labels, noise, guidance, targets)
             if progress is not None:
                 progress.update(1)
         return x

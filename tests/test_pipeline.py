@@ -31,7 +31,7 @@ def tiny_overrides(models, **extra):
         "model.dit": str(dit), "model.vae": str(vae), "data.image_size": 8,
         "sampling.steps": 6, "sampling.cfg_scale": 2.0, "sampling.batch_size": 4,
         "stages.ipc": 4, "stages.increment": 2, "stages.seed": "igd",
-        "lgd.kappa": 2, "lgd.window": [1, 4], "lgd.rho_scale": 0.01,
+        "lgd.kappa": 2, "lgd.window": [1, 4], "lgd.rho_scale": 0.01, "lgd.gamma": 0.5, "igd.gamma": 0.5,
         "lgd.stage_model": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 32},
         "lgd.reference_model": {"network": "convnet3", "recipe": "plain", "epochs": 1, "batch_size": 128},
         "igd.window": [2, 4], "igd.target_images": 5, "igd.checkpoints": 2, "igd.cos_threshold": 0.999,
