@@ -32,6 +32,7 @@ from lgd.data import load_dataset, per_class_subset
 from lgd.errors import ConfigError, LgdError
 from lgd.guidance import (
     ClassMemory,
+    Deviation,
     InfluenceGuidance,
     InfluenceLoss,
     LearnabilityGuidance,
@@ -228,15 +229,13 @@ class Distiller:
         batches = [seeds] if self.config.sampling.engine == "fast" else [[s] for s in seeds]
         latents, failed, offset = [], set(), 0
         for batch in batches:
-            if guidance is not None:
-                guidance.failed = set()
             labels = torch.full((len(batch),), self.dit_classes[cls], device=self.device)
             targets = torch.full((len(batch),), cls, device=self.device)
             with torch.no_grad():
                 latents.append(self.generator.sampler.sample(labels, NoiseStream(batch, self.device), guidance,
                                                              targets=targets))
             if guidance is not None:
-                failed |= {offset + r for r in guidance.failed}
+                failed |= {offset + r for r in guidance.nonfinite.pop_failed()}
             offset += len(batch)
         latents = torch.cat(latents)
         failed |= set((~torch.isfinite(latents.flatten(1)).all(dim=1)).nonzero().squeeze(1).tolist())
@@ -288,7 +287,7 @@ class Distiller:
         reference = self.config.sampling.engine == "reference"
         return lambda: InfluenceGuidance(
             codec=self.generator.codec, loss=loss, alphas_cumprod=self.generator.alphas_cumprod,
-            k=g.k, rho_scale=g.rho_scale, window=g.window, memory=memory, gamma=g.gamma,
+            k=g.k, rho_scale=g.rho_scale, window=g.window, deviation=Deviation(memory, g.gamma, self.device),
             classifier_size=self.classifier_size, reference=reference)
 
     def influence_loss(self) -> InfluenceLoss:
@@ -363,16 +362,18 @@ class Distiller:
         student = self.trained_classifier(f"stage_{stage:02d}", c.lgd.stage_model,
                                           (synthetic.images, synthetic.labels), ipc=inc * (stage - 1))
 
+        fused = c.sampling.engine == "fast"
+
         def score(images, labels):
             with torch.no_grad():
                 x = to_classifier_input(images, self.classifier_size)
-                return learnability(student, reference, x, labels, c.lgd.omega)
+                return learnability(student, reference, x, labels, c.lgd.omega, fused)
 
         make = lambda: LearnabilityGuidance(
             codec=self.generator.codec, student=student, reference=reference,
             alphas_cumprod=self.generator.alphas_cumprod, omega=c.lgd.omega, lam=c.lgd.lam,
-            rho_scale=c.lgd.rho_scale, window=c.lgd.window, memory=memory, gamma=c.lgd.gamma,
-            classifier_size=self.classifier_size)
+            rho_scale=c.lgd.rho_scale, window=c.lgd.window, deviation=Deviation(memory, c.lgd.gamma, self.device),
+            classifier_size=self.classifier_size, fused=fused)
         self.generate(self.run, stage, range((stage - 1) * inc, stage * inc), memory, "lgd", make, c.lgd.kappa, score)
 
     def baseline(self, name: str) -> None:

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from lgd.classifiers import build_classifier
-from lgd.guidance import ClassMemory, InfluenceLoss, LearnabilityGuidance, learnability, top1_per_group
-from lgd.guidance.deviation import cosine_gradient, deviation_step
+from lgd.guidance import ClassMemory, Deviation, InfluenceLoss, LearnabilityGuidance, learnability, top1_per_group
+from lgd.guidance.deviation import cosine_gradient
 from lgd.guidance.influence import class_mean_gradients, select_checkpoints
 from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
@@ -88,8 +88,10 @@ def test_deviation_moves_away_from_most_similar_memory_entry():
     assert memory.entries(1).shape == (2, 16)  # capacity keeps the most recent two
     x = entries[2] + 0.1 * torch.randn(4, 2, 2)
     labels = torch.tensor([1, 0])
-    step = deviation_step(torch.stack([x, x]), labels, memory, gamma=1.0)
+    step = Deviation(memory, gamma=1.0)(torch.stack([x, x]), labels)
     assert torch.all(step[1] == 0)  # class 0 has no memory
+    memory.add(0, -entries[2])  # another class's entry must not be chosen for a class-1 sample
+    torch.testing.assert_close(Deviation(memory, gamma=1.0)(x[None], labels[:1]), step[:1])
     before = F.cosine_similarity(x.flatten(), entries[2].flatten(), dim=0)
     after = F.cosine_similarity((x + step[0]).flatten(), entries[2].flatten(), dim=0)
     assert after < before
@@ -125,13 +127,13 @@ def test_learnability_guidance_raises_S_over_unguided_from_the_same_noise():
     def gain(seeds, lam):
         guidance = LearnabilityGuidance(
             codec=codec, student=student, reference=reference, alphas_cumprod=sampler.diffusion.alphas_cumprod,
-            omega=0.5, lam=lam, rho_scale=0.01, window=(1, 8), memory=ClassMemory(4), gamma=0.0)
+            omega=0.5, lam=lam, rho_scale=0.01, window=(1, 8), deviation=Deviation(ClassMemory(4), 0.0))
         with torch.no_grad():
             plain = sampler.sample(labels, NoiseStream(seeds))
             guided = sampler.sample(labels, NoiseStream(seeds), guidance)
             s_plain = learnability(student, reference, codec.decode(plain), labels, 0.5)[0]
             s_guided = learnability(student, reference, codec.decode(guided), labels, 0.5)[0]
-        assert not guidance.failed
+        assert not guidance.nonfinite.pop_failed()
         return s_guided - s_plain
 
     gains = torch.stack([gain([seed * 10 + k for k in range(4)], lam=15.0) for seed in range(4)])
@@ -151,8 +153,25 @@ def test_nonfinite_gradient_marks_candidate_failed():
     guidance = LearnabilityGuidance(
         codec=IdentityCodec(1), student=Poisoned(), reference=student,
         alphas_cumprod=sampler.diffusion.alphas_cumprod, omega=0.5, lam=15.0, rho_scale=0.01,
-        window=(1, 8), memory=ClassMemory(4), gamma=0.0)
+        window=(1, 8), deviation=Deviation(ClassMemory(4), 0.0))
     with torch.no_grad():
         latents = sampler.sample(torch.tensor([0, 1]), NoiseStream([1, 2]), guidance)
-    assert guidance.failed == {0}
+    assert guidance.nonfinite.pop_failed() == {0}
     assert torch.isfinite(latents[1]).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (9, 10)])
+def test_fused_learnability_equals_plain_with_gradients(shape):
+    n, classes = shape
+    torch.manual_seed(n)
+    student = torch.nn.Linear(8, classes)
+    reference = torch.nn.Linear(8, classes)
+    labels = torch.randint(0, classes, (n,))
+    results = []
+    for fused in (False, True):
+        x = torch.randn(n, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        s, ce_s, ce_r = learnability(student, reference, x, labels, 0.5, fused=fused)
+        (grad,) = torch.autograd.grad(s.sum(), x)
+        results.append((s, ce_s, ce_r, grad))
+    for plain, fused in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
 """Guidance for the sampling loop: learnability (LGD), influence (IGD) and deviation."""
-from lgd.guidance.deviation import ClassMemory, deviation_step
+from lgd.guidance.deviation import ClassMemory, Deviation
 from lgd.guidance.influence import InfluenceGuidance, InfluenceLoss, class_mean_gradients, select_checkpoints
 from lgd.guidance.learnability import LearnabilityGuidance, learnability, top1_per_group
 
@@ -9,7 +9,7 @@ __all__ = [
     "InfluenceLoss",
     "LearnabilityGuidance",
     "class_mean_gradients",
-    "deviation_step",
+    "Deviation",
     "learnability",
     "select_checkpoints",
     "top1_per_group",

@@ -16,13 +16,23 @@ def to_classifier_input(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def drop_nonfinite(grad: torch.Tensor, failed: set[int], what: str) -> torch.Tensor:
-    """Zero the rows of a per-sample gradient that hold NaN/inf and record them in `failed`,
-    so the caller drops and redraws those candidates."""
-    finite = torch.isfinite(grad.flatten(1)).all(dim=1)
-    if finite.all():
-        return grad
-    bad = (~finite).nonzero().squeeze(1).tolist()
-    log.warning("non-finite %s for batch rows %s: those candidates will be redrawn", what, bad)
-    failed.update(bad)
-    return torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+class NonFinite:
+    """Zeroes the rows of per-sample gradients that hold NaN/inf and remembers them, without a
+    host sync per step; `failed` (one sync) lists them so the caller drops and redraws them."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.mask: torch.Tensor | None = None
+
+    def clean(self, grad: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(grad.flatten(1)).all(dim=1)
+        self.mask = ~finite if self.mask is None else self.mask | ~finite
+        return torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+
+    def pop_failed(self) -> set[int]:
+        """The rows that failed since the last call, then reset."""
+        rows = set() if self.mask is None else set(self.mask.nonzero().squeeze(1).tolist())
+        self.mask = None
+        if rows:
+            log.warning("non-finite %s for batch rows %s: those candidates will be redrawn", self.what, sorted(rows))
+        return rows

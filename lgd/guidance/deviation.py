@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 
 import torch
+import torch.nn.functional as F
 
 
 class ClassMemory:
@@ -39,18 +40,24 @@ def cosine_gradient(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return m / (x_norm * m_norm) - cos * x / x_norm**2
 
 
-def deviation_step(x_t: torch.Tensor, labels: torch.Tensor, memory: ClassMemory, gamma: float) -> torch.Tensor:
-    """The correction -gamma * grad cos(x_t, m*) per sample (zero for classes with no memory)."""
-    flat = x_t.detach().flatten(1).float()
-    correction = torch.zeros_like(flat)
-    for cls in labels.unique().tolist():
-        bank = memory.entries(cls)
-        if bank is None:
-            continue
-        rows = (labels == cls).nonzero().squeeze(1)
-        bank = bank.to(flat.device)
-        x = flat[rows]
-        nearest = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
-        m_star = bank[nearest.argmax(dim=1)]
-        correction[rows] = -gamma * cosine_gradient(x, m_star)
-    return correction.view_as(x_t).to(x_t.dtype)
+class Deviation:
+    """-gamma * grad cos(x_t, m*) per sample, m* = the most cosine-similar entry of the
+    sample's class memory (zero where the class has none). The memory is frozen into one
+    device tensor when the term is built, so each step is a few batched ops, no host sync."""
+
+    def __init__(self, memory: ClassMemory, gamma: float, device: torch.device | str = "cpu"):
+        self.gamma = gamma
+        entries = [(cls, e) for cls, items in sorted(memory._entries.items()) for e in items]
+        self.bank = torch.stack([e for _, e in entries]).to(device) if entries else None
+        self.owner = torch.tensor([cls for cls, _ in entries], device=device) if entries else None
+
+    def __call__(self, x_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.bank is None or self.gamma == 0:
+            return torch.zeros_like(x_t)
+        x = x_t.detach().flatten(1).float()
+        similarity = F.normalize(x, dim=1) @ F.normalize(self.bank, dim=1).T
+        same_class = self.owner[None, :] == labels[:, None]
+        nearest = similarity.masked_fill(~same_class, float("-inf")).argmax(dim=1)
+        step = -self.gamma * cosine_gradient(x, self.bank[nearest])
+        has_memory = same_class.any(dim=1, keepdim=True)
+        return torch.where(has_memory, step, torch.zeros_like(step)).view_as(x_t).to(x_t.dtype)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from lgd.guidance.deviation import ClassMemory, deviation_step
-from lgd.guidance.common import drop_nonfinite, to_classifier_input
+from lgd.guidance.deviation import Deviation
+from lgd.guidance.common import NonFinite, to_classifier_input
 
 Params = dict[str, torch.Tensor]
 
@@ -117,18 +117,17 @@ class InfluenceGuidance:
         k: float,
         rho_scale: float,
         window: tuple[int, int],
-        memory: ClassMemory,
-        gamma: float,
+        deviation: Deviation,
         classifier_size: int | None = None,
         reference: bool = False,
     ):
         self.codec, self.loss = codec, loss
         self.alphas_cumprod = alphas_cumprod
         self.k, self.rho_scale = k, rho_scale
-        self.window, self.memory, self.gamma = window, memory, gamma
+        self.window, self.deviation = window, deviation
         self.classifier_size = classifier_size
         self.reference = reference
-        self.failed: set[int] = set()
+        self.nonfinite = NonFinite("influence gradient")
 
     def active(self, i: int) -> bool:
         return self.window[0] <= i <= self.window[1]
@@ -146,8 +145,8 @@ class InfluenceGuidance:
         return total
 
     def __call__(self, x_t, i, eps, x0_hat, labels):
-        g = drop_nonfinite(self.gradient(x_t, x0_hat, labels), self.failed, f"influence gradient at step {i}")
+        g = self.nonfinite.clean(self.gradient(x_t, x0_hat, labels))
         shape = (-1,) + (1,) * (g.dim() - 1)
         alpha_bar = self.alphas_cumprod[i].to(g)
         rho = (1 - alpha_bar).sqrt() * self.rho_scale * rms(eps.detach()) / rms(g).clamp_min(1e-12)
-        return -self.k * rho.view(shape) * g + deviation_step(x_t, labels, self.memory, self.gamma)
+        return -self.k * rho.view(shape) * g + self.deviation(x_t, labels)

@@ -10,16 +10,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lgd.guidance.common import drop_nonfinite, to_classifier_input
-from lgd.guidance.deviation import ClassMemory, deviation_step
+from lgd.guidance.common import NonFinite, to_classifier_input
+from lgd.kernels.learnability import learnability as fused_learnability
+from lgd.guidance.deviation import Deviation
 
 
 def learnability(
-    student: torch.nn.Module, reference: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, omega: float
+    student: torch.nn.Module, reference: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+    omega: float, fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (S, CE_student, CE_reference)."""
-    ce_student = F.cross_entropy(student(images), labels, reduction="none")
-    ce_reference = F.cross_entropy(reference(images), labels, reduction="none")
+    """Per-sample (S, CE_student, CE_reference); S is differentiable w.r.t. the images.
+    fused=True computes both CEs, S and dS/dlogits in one op (Triton on CUDA, C++ on CPU)."""
+    student_logits, reference_logits = student(images), reference(images)
+    if fused:
+        result = fused_learnability(student_logits, reference_logits, labels, omega, kappa=1)
+        return result.score, result.ce_student, result.ce_reference
+    ce_student = F.cross_entropy(student_logits, labels, reduction="none")
+    ce_reference = F.cross_entropy(reference_logits, labels, reduction="none")
     return ce_student - omega * ce_reference, ce_student, ce_reference
 
 
@@ -40,8 +47,8 @@ def guidance_scale(alpha_bar: torch.Tensor, eps: torch.Tensor, grad: torch.Tenso
 class LearnabilityGuidance:
     """x_{t-1} += lam * rho_scale * rho_t * grad_{x_t} S, then deviation from the class memory.
 
-    Samples whose gradient is not finite get no correction and are listed in `failed`, so the
-    caller can drop and redraw them.
+    Samples whose gradient is not finite get no correction and are reported by
+    `nonfinite.pop_failed()`, so the caller can drop and redraw them.
     """
 
     def __init__(
@@ -55,25 +62,26 @@ class LearnabilityGuidance:
         lam: float,
         rho_scale: float,
         window: tuple[int, int],
-        memory: ClassMemory,
-        gamma: float,
+        deviation: Deviation,
         classifier_size: int | None = None,
+        fused: bool = False,
     ):
         self.codec, self.student, self.reference = codec, student, reference
+        self.fused = fused
         self.alphas_cumprod = alphas_cumprod
         self.omega, self.lam, self.rho_scale = omega, lam, rho_scale
-        self.window, self.memory, self.gamma = window, memory, gamma
+        self.window, self.deviation = window, deviation
         self.classifier_size = classifier_size
-        self.failed: set[int] = set()
+        self.nonfinite = NonFinite("learnability gradient")
 
     def active(self, i: int) -> bool:
         return self.window[0] <= i <= self.window[1]
 
     def __call__(self, x_t, i, eps, x0_hat, labels):
         images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
-        scores, _, _ = learnability(self.student, self.reference, images, labels, self.omega)
+        scores, _, _ = learnability(self.student, self.reference, images, labels, self.omega, self.fused)
         (grad,) = torch.autograd.grad(scores.sum(), x_t)
-        grad = drop_nonfinite(grad, self.failed, f"learnability gradient at step {i}")
+        grad = self.nonfinite.clean(grad)
         alpha_bar = self.alphas_cumprod[i].to(grad)
         rho = self.rho_scale * guidance_scale(alpha_bar, eps, grad)
-        return self.lam * rho * grad + deviation_step(x_t, labels, self.memory, self.gamma)
+        return self.lam * rho * grad + self.deviation(x_t, labels)
