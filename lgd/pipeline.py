@@ -45,6 +45,7 @@ from lgd.files import atomic_path, write_json, write_png, write_tensors
 from lgd.models import load_dit
 from lgd.models.vae import IdentityCodec, load_vae
 from lgd.rundir import image_name, latent_name, load_synthetic, record_name
+from lgd.runtime import Runtime
 from lgd.sampling import Guidance, Sampler, SamplerSettings
 from lgd.seeding import NoiseStream, derive_seed
 from lgd.training import train_classifier
@@ -146,20 +147,46 @@ def dit_class_map(dataset, dit_classes: int) -> list[int]:
                       "classes are not ImageNet WordNet ids that a 1000-class DiT could generate")
 
 
+@dataclass
+class Finished:
+    """One kept image, computed by any rank and written by the main process."""
+
+    stage: int
+    cls: int
+    slot: int
+    image: torch.Tensor  # [C, H, W] in [0, 1]
+    latent: torch.Tensor
+    record: dict
+
+
 class Distiller:
-    """One distillation run into a run directory (see lgd/rundir.py for the layout)."""
+    """One distillation run into a run directory (see lgd/rundir.py for the layout).
+
+    Work runs in rounds: round r holds the r-th unit (a few slots with all their candidates)
+    of every class. Units of one round are independent (the deviation memory is per class),
+    so they are split over the processes; results are gathered, the main process writes
+    them, and every rank rebuilds the class memory from the written latents. A unit always
+    runs as the same batch, so the distilled set does not depend on the process count.
+    """
 
     def __init__(self, config: Config, run: str | Path, progress: bool = True):
         self.config = config
         self.run = Path(run)
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.runtime = Runtime()
+        self.progress = progress and self.runtime.is_main
+        self.device = self.runtime.device if config.device == "auto" and self.runtime.world > 1 \
+            else resolve_device(config.device)
         self.stages = config.stages.ipc // config.stages.increment
 
     # --- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
         c = self.config
-        claim_run_dir(self.run, c)
+        rt = self.runtime
+        if rt.is_main:
+            rt.check_writable(self.run)
+            rt.lock(self.run)
+            claim_run_dir(self.run, c)
+        rt.barrier()
         self.generator = load_generator(c, self.device)
         self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
         self.num_classes = self.train_set.num_classes
@@ -183,18 +210,18 @@ class Distiller:
             return build_classifier(**spec).to(self.device)
 
     def trained_classifier(self, name: str, section: TrainSection, data, ipc: int | None) -> torch.nn.Module:
-        """Train (or load the cached) classifier models/<name>.safetensors."""
+        """Train (main process) or load the cached classifier models/<name>.safetensors."""
         path = self.run / "models" / f"{name}.safetensors"
-        if path.exists():
-            return load_classifier(path, self.device)[0].requires_grad_(False)
-        spec = self.spec(section.network)
-        model = self.new_classifier(spec, name)
-        log.info("training the %s classifier (%s, %s recipe)", name, section.network, section.recipe)
-        train_classifier(model, data, section, ipc=ipc, classifier_size=self.classifier_size,
-                         seed=derive_seed(self.config.seed, "classifier", name), device=self.device,
-                         progress=self.progress)
-        save_classifier(model, path, spec)
-        return model.eval().requires_grad_(False)
+        if self.runtime.is_main and not path.exists():
+            spec = self.spec(section.network)
+            model = self.new_classifier(spec, name)
+            log.info("training the %s classifier (%s, %s recipe)", name, section.network, section.recipe)
+            train_classifier(model, data, section, ipc=ipc, classifier_size=self.classifier_size,
+                             seed=derive_seed(self.config.seed, "classifier", name), device=self.device,
+                             progress=self.progress)
+            save_classifier(model, path, spec)
+        self.runtime.barrier()
+        return load_classifier(path, self.device)[0].requires_grad_(False)
 
     # --- generation ---------------------------------------------------------------------
     def generate(
@@ -204,24 +231,36 @@ class Distiller:
         slots: range,
         memory: ClassMemory,
         tag: str,
-        make_guidance: Callable[[], Guidance | None],
+        make_guidance: Callable[[int], Guidance | None],
         kappa: int = 1,
         score: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
     ) -> None:
-        """Fill slots of every class at `stage` under `root`, unit by unit, resuming finished units."""
+        """Fill `slots` of every class at `stage` under `root`, round by round; finished units are skipped."""
         per_unit = max(1, self.config.sampling.batch_size // kappa)
-        units = [(c, list(slots[s : s + per_unit])) for c in range(self.num_classes)
-                 for s in range(0, len(slots), per_unit)]
-        bar = tqdm(total=len(units) * per_unit, desc=f"{root.name} stage {stage}", unit="img",
+        chunks = [list(slots[s : s + per_unit]) for s in range(0, len(slots), per_unit)]
+        bar = tqdm(total=len(slots) * self.num_classes, desc=f"{root.name} stage {stage}", unit="img",
                    disable=not self.progress)
-        for cls, unit in units:
-            if all((root / record_name(stage, cls, s)).exists() for s in unit):
-                for s in unit:
-                    memory.add(cls, load_file(str(root / latent_name(stage, cls, s)))["latent"])
-            else:
-                self.generate_unit(root, stage, cls, unit, memory, tag, make_guidance, kappa, score)
-            bar.update(len(unit))
+        for chunk in chunks:
+            todo = [c for c in range(self.num_classes)
+                    if not all((root / record_name(stage, c, s)).exists() for s in chunk)]
+            mine = todo[self.runtime.rank :: self.runtime.world]
+            done = [item for c in mine
+                    for item in self.generate_unit(stage, c, chunk, tag, make_guidance, kappa, score)]
+            self.write(root, self.runtime.gather(done))
+            for c in range(self.num_classes):
+                for s in chunk:
+                    memory.add(c, load_file(str(root / latent_name(stage, c, s)))["latent"])
+            bar.update(len(chunk) * self.num_classes)
         bar.close()
+
+    def write(self, root: Path, finished: list[Finished]) -> None:
+        """The main process writes PNG, latent and (last) record of each image; all ranks wait."""
+        if self.runtime.is_main:
+            for f in finished:
+                write_png(root / image_name(f.stage, f.cls, f.slot), f.image)
+                write_tensors(root / latent_name(f.stage, f.cls, f.slot), {"latent": f.latent})
+                write_json(root / record_name(f.stage, f.cls, f.slot), f.record)
+        self.runtime.barrier()
 
     def sample_candidates(self, seeds: list[int], cls: int, guidance: Guidance | None) -> tuple[torch.Tensor, set[int]]:
         """Final latents for the seeds, and the rows whose guidance or result was not finite.
@@ -241,11 +280,12 @@ class Distiller:
         failed |= set((~torch.isfinite(latents.flatten(1)).all(dim=1)).nonzero().squeeze(1).tolist())
         return latents, failed
 
-    def generate_unit(self, root, stage, cls, unit, memory, tag, make_guidance, kappa, score) -> None:
+    def generate_unit(self, stage, cls, unit, tag, make_guidance, kappa, score) -> list[Finished]:
+        """kappa candidates for each slot of `unit`, NaN/inf candidates redrawn, the top S kept."""
         seed = self.config.seed
         keys = [(slot, cand) for slot in unit for cand in range(kappa)]
         seeds = [derive_seed(seed, tag, stage, cls, slot, cand, 0) for slot, cand in keys]
-        guidance = make_guidance()
+        guidance = make_guidance(cls)
         latents, failed = self.sample_candidates(seeds, cls, guidance)
         for attempt in range(1, MAX_REDRAWS + 1):
             if not failed:
@@ -261,50 +301,44 @@ class Distiller:
             raise LgdError(f"class {cls}, stage {stage}: candidates kept producing NaN/inf after {MAX_REDRAWS} redraws")
 
         labels = torch.full((len(seeds),), cls, device=self.device)
-        images = self.generator.codec.decode(latents).clamp(0, 1)
+        with torch.no_grad():
+            images = self.generator.codec.decode(latents).clamp(0, 1)
         if score is not None:
             s_all, ce_s, ce_r = score(images, labels)
             winners = top1_per_group(s_all, kappa).tolist()
         else:
-            s_all = ce_s = ce_r = None
             winners = list(range(0, len(seeds), kappa))
+        finished = []
         for slot, w in zip(unit, winners):
             record = {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
                       "seed": seeds[w], "candidate": w % kappa, "kind": tag}
-            if s_all is not None:
+            if score is not None:
                 group = slice(w - w % kappa, w - w % kappa + kappa)
                 record.update(S=s_all[w].item(), ce_student=ce_s[w].item(), ce_reference=ce_r[w].item(),
                               candidate_S=s_all[group].tolist())
-            write_png(root / record["file"], images[w])
-            write_tensors(root / latent_name(stage, cls, slot), {"latent": latents[w]})
-            write_json(root / record_name(stage, cls, slot), record)  # last: marks the image finished
-            memory.add(cls, latents[w])
+            finished.append(Finished(stage, cls, slot, images[w].cpu(), latents[w].cpu(), record))
+        return finished
 
     # --- the three seed methods and LGD --------------------------------------------------
-    def influence_guidance(self, memory: ClassMemory) -> Callable[[], InfluenceGuidance]:
+    def influence_guidance(self, memory: ClassMemory) -> Callable[[int], InfluenceGuidance]:
         loss = self.influence_loss()
         g = self.config.igd
         reference = self.config.sampling.engine == "reference"
-        return lambda: InfluenceGuidance(
+        return lambda cls: InfluenceGuidance(
             codec=self.generator.codec, loss=loss, alphas_cumprod=self.generator.alphas_cumprod,
-            k=g.k, rho_scale=g.rho_scale, window=g.window, deviation=Deviation(memory, g.gamma, self.device),
+            k=g.k, rho_scale=g.rho_scale, window=g.window,
+            deviation=Deviation(memory, g.gamma, self.device, classes=[cls]),
             classifier_size=self.classifier_size, reference=reference)
 
     def influence_loss(self) -> InfluenceLoss:
-        """IGD's surrogate trajectory, checkpoint selection and class targets (cached)."""
+        """IGD's surrogate trajectory, checkpoint selection and class targets (main process, cached)."""
         if getattr(self, "_influence", None) is not None:
             return self._influence
         g = self.config.igd
         path = self.run / "models" / "surrogate.safetensors"
         spec = self.spec(g.surrogate.network)
         model = self.new_classifier(spec, "surrogate").eval()
-        if path.exists():
-            tensors = load_file(str(path), device=str(self.device))
-            count = int(tensors["kept"].numel())
-            checkpoints = [{k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{e}/")}
-                           for e in range(count)]
-            targets = tensors["targets"]
-        else:
+        if self.runtime.is_main and not path.exists():
             trajectory: list[dict] = []
             snapshot = lambda epoch, m: trajectory.append({k: v.detach().clone() for k, v in m.named_parameters()})
             log.info("training IGD's surrogate trajectory (%s, %s epochs)", g.surrogate.network, g.surrogate.epochs)
@@ -317,10 +351,13 @@ class Distiller:
             images, labels = self.real_batch(indices)
             kept, targets = select_checkpoints(model, trajectory, images, labels, self.num_classes,
                                                g.checkpoints, g.cos_threshold)
-            checkpoints = [trajectory[e] for e in kept]
-            tensors = {f"{e}/{k}": v for e, p in enumerate(checkpoints) for k, v in p.items()}
+            tensors = {f"{n}/{k}": v for n, e in enumerate(kept) for k, v in trajectory[e].items()}
             write_tensors(path, {**tensors, "targets": targets, "kept": torch.tensor(kept)}, {"spec": spec})
-        self._influence = InfluenceLoss(model.requires_grad_(False), checkpoints, targets)
+        self.runtime.barrier()
+        tensors = load_file(str(path), device=str(self.device))
+        checkpoints = [{k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")}
+                       for n in range(tensors["kept"].numel())]
+        self._influence = InfluenceLoss(model.requires_grad_(False), checkpoints, tensors["targets"])
         return self._influence
 
     def real_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,25 +370,26 @@ class Distiller:
         """The 'random real' seed: real images of each class, stored like generated ones."""
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "random-real", stage))
         indices = per_class_subset(self.train_set, len(slots), generator)
+        finished = []
         for n, i in enumerate(indices.tolist()):
             image, cls = self.train_set[i]
             slot = slots[n % len(slots)]
-            if (root / record_name(stage, cls, slot)).exists():
+            if self.runtime.is_main and not (root / record_name(stage, cls, slot)).exists():
+                with torch.no_grad():
+                    latent = self.generator.codec.encode(image[None].to(self.device))[0].cpu()
+                record = {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
+                          "kind": "random", "real_index": i}
+                finished.append(Finished(stage, cls, slot, image, latent, record))
+        self.write(root, finished)
+        for cls in range(self.num_classes):
+            for slot in slots:
                 memory.add(cls, load_file(str(root / latent_name(stage, cls, slot)))["latent"])
-                continue
-            latent = self.generator.codec.encode(image[None].to(self.device))[0]
-            write_png(root / image_name(stage, cls, slot), image)
-            write_tensors(root / latent_name(stage, cls, slot), {"latent": latent})
-            write_json(root / record_name(stage, cls, slot),
-                       {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
-                        "kind": "random", "real_index": i})
-            memory.add(cls, latent)
 
     def seed_increment(self, root: Path, method: str, slots: range, memory: ClassMemory) -> None:
         if method == "random":
             self.write_real(root, 1, slots, memory)
         elif method == "dit":
-            self.generate(root, 1, slots, memory, "dit", lambda: None)
+            self.generate(root, 1, slots, memory, "dit", lambda cls: None)
         else:
             self.generate(root, 1, slots, memory, "igd", self.influence_guidance(memory))
 
@@ -361,7 +399,6 @@ class Distiller:
         synthetic = load_synthetic(self.run, stages=list(range(1, stage)))
         student = self.trained_classifier(f"stage_{stage:02d}", c.lgd.stage_model,
                                           (synthetic.images, synthetic.labels), ipc=inc * (stage - 1))
-
         fused = c.sampling.engine == "fast"
 
         def score(images, labels):
@@ -369,39 +406,43 @@ class Distiller:
                 x = to_classifier_input(images, self.classifier_size)
                 return learnability(student, reference, x, labels, c.lgd.omega, fused)
 
-        make = lambda: LearnabilityGuidance(
+        make = lambda cls: LearnabilityGuidance(
             codec=self.generator.codec, student=student, reference=reference,
             alphas_cumprod=self.generator.alphas_cumprod, omega=c.lgd.omega, lam=c.lgd.lam,
-            rho_scale=c.lgd.rho_scale, window=c.lgd.window, deviation=Deviation(memory, c.lgd.gamma, self.device),
+            rho_scale=c.lgd.rho_scale, window=c.lgd.window,
+            deviation=Deviation(memory, c.lgd.gamma, self.device, classes=[cls]),
             classifier_size=self.classifier_size, fused=fused)
         self.generate(self.run, stage, range((stage - 1) * inc, stage * inc), memory, "lgd", make, c.lgd.kappa, score)
 
     def baseline(self, name: str) -> None:
         """A full-IPC set of one baseline method under baselines/<name>; shares the seed stage's files."""
         root = self.run / "baselines" / name
-        slots = range(self.config.stages.ipc)
-        if name == self.config.stages.seed:
+        if name == self.config.stages.seed and self.runtime.is_main:
             for record in sorted((self.run / "records" / "01").glob("*.json")):
                 cls, slot = (int(p) for p in record.stem.split("-"))
                 for rel in (image_name(1, cls, slot), latent_name(1, cls, slot), record_name(1, cls, slot)):
                     _link(self.run / rel, root / rel)
-        memory = ClassMemory(self.config.lgd.memory if name == "dit" else self.config.lgd.memory)
-        self.seed_increment(root, name, slots, memory)
+        self.runtime.barrier()
+        self.seed_increment(root, name, range(self.config.stages.ipc), ClassMemory(self.config.lgd.memory))
 
     # --- the whole run ------------------------------------------------------------------
     def run_all(self) -> Path:
-        self.prepare()
-        c = self.config
-        memory = ClassMemory(c.lgd.memory)
-        self.seed_increment(self.run, c.stages.seed, range(c.stages.increment), memory)
-        if self.stages > 1:
-            reference = self.trained_classifier("reference", c.lgd.reference_model, self.train_set, ipc=None)
-            for stage in range(2, self.stages + 1):
-                self.lgd_stage(stage, memory, reference)
-        for name in c.eval.baselines:
-            if name != "random":
-                self.baseline(name)
-        write_json(self.run / "done.json", {"images": c.stages.ipc * self.num_classes, "stages": self.stages})
+        try:
+            self.prepare()
+            c = self.config
+            memory = ClassMemory(c.lgd.memory)
+            self.seed_increment(self.run, c.stages.seed, range(c.stages.increment), memory)
+            if self.stages > 1:
+                reference = self.trained_classifier("reference", c.lgd.reference_model, self.train_set, ipc=None)
+                for stage in range(2, self.stages + 1):
+                    self.lgd_stage(stage, memory, reference)
+            for name in c.eval.baselines:
+                if name != "random":
+                    self.baseline(name)
+            if self.runtime.is_main:
+                write_json(self.run / "done.json", {"images": c.stages.ipc * self.num_classes, "stages": self.stages})
+        finally:
+            self.runtime.shutdown()
         return self.run
 
 

@@ -95,10 +95,25 @@ def test_resumed_after_kill_equals_uninterrupted(tiny_models, tmp_path):
     assert files(broken) == files(whole)
 
 
-def test_changed_config_on_existing_run_is_refused(tiny_models, tmp_path):
+def test_busy_or_changed_run_directory_is_refused(tiny_models, tmp_path):
     from lgd.errors import ConfigError
 
     run = tmp_path / "run"
-    Distiller(load_config("demo", tiny_overrides(tiny_models, **{"eval.baselines": []})), run, progress=False).prepare()
+    first = Distiller(load_config("demo", tiny_overrides(tiny_models, **{"eval.baselines": []})), run, progress=False)
+    first.prepare()
+    second = Distiller(load_config("demo", tiny_overrides(tiny_models, **{"stages.ipc": 6})), run, progress=False)
+    with pytest.raises(ConfigError, match="in use by another lgd run"):
+        second.prepare()  # the first still holds the run directory
+    first.runtime.shutdown()
     with pytest.raises(ConfigError, match="stages.ipc"):
-        Distiller(load_config("demo", tiny_overrides(tiny_models, **{"stages.ipc": 6})), run, progress=False).prepare()
+        second.prepare()
+    second.runtime.shutdown()
+
+
+def test_unwritable_run_directory_is_a_clear_error(tiny_models, tmp_path):
+    from lgd.errors import LgdError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(LgdError, match="cannot write to the run directory"):
+        Distiller(load_config("demo", tiny_overrides(tiny_models)), blocker / "run", progress=False).run_all()

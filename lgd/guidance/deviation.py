@@ -45,9 +45,11 @@ class Deviation:
     sample's class memory (zero where the class has none). The memory is frozen into one
     device tensor when the term is built, so each step is a few batched ops, no host sync."""
 
-    def __init__(self, memory: ClassMemory, gamma: float, device: torch.device | str = "cpu"):
+    def __init__(self, memory: ClassMemory, gamma: float, device: torch.device | str = "cpu",
+                 classes: list[int] | None = None):
         self.gamma = gamma
-        entries = [(cls, e) for cls, items in sorted(memory._entries.items()) for e in items]
+        entries = [(cls, e) for cls, items in sorted(memory._entries.items()) for e in items
+                   if classes is None or cls in classes]
         self.bank = torch.stack([e for _, e in entries]).to(device) if entries else None
         self.owner = torch.tensor([cls for cls, _ in entries], device=device) if entries else None
 
