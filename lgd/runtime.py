@@ -21,7 +21,10 @@ class Runtime:
     def __init__(self):
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # PartialState reads ACCELERATE_USE_CPU only when told: without cpu=True, a multi-process
+        # CPU launch would start independent single processes that each think they are rank 0.
+        force_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        self.state = PartialState(cpu=force_cpu or not torch.cuda.is_available())
         self.rank = self.state.process_index
         self.world = self.state.num_processes
         self._lock = None
@@ -32,7 +35,8 @@ class Runtime:
 
     @property
     def device(self) -> torch.device:
-        return self.state.device
+        device = self.state.device
+        return torch.device("cpu") if device.type == "cpu" else device
 
     def barrier(self) -> None:
         if self.world > 1:

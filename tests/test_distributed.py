@@ -1,0 +1,82 @@
+"""Two real CPU processes (Accelerate, gloo): the distilled set does not depend on the process
+count, and a killed 2-process run resumes to the same files."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lgd
+from tests.test_pipeline import files, tiny_models, tiny_overrides  # noqa: F401  (fixture)
+
+DISTILL = str(Path(lgd.__file__).parent / "distill.py")
+# One thread per process in every run: reductions then add in the same order whatever the
+# process count, so the comparison can demand identical bytes.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(processes: int, out: Path, overrides: list[str]) -> list[str]:
+    args = ["--config", "demo", "--out", str(out), "--no-progress", *overrides]
+    if processes == 1:
+        return [sys.executable, "-m", "lgd", "distill", *args]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(free_port()), DISTILL, *args]
+
+
+def run(command: list[str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def overrides(tiny_models):  # noqa: F811
+    return tiny_overrides(tiny_models, **{"stages.ipc": 4, "eval.baselines": ["dit"]})
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, overrides):
+    out = tmp_path_factory.mktemp("one") / "run"
+    seconds = run(launch(1, out, overrides))
+    print(f"\n1-process run: {seconds:.1f} s")
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_set_as_one(one_process_run, overrides, tmp_path):
+    out = tmp_path / "two"
+    seconds = run(launch(2, out, overrides))
+    print(f"\n2-process run: {seconds:.1f} s")
+    one, two = files(one_process_run), files(out)
+    assert sorted(one) == sorted(two)
+    differing = [name for name in one if one[name] != two[name]]
+    assert not differing, differing[:10]
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_the_same_files(one_process_run, overrides, tmp_path):
+    out = tmp_path / "killed"
+    process = subprocess.Popen(launch(2, out, overrides), env={**ENV, "ACCELERATE_USE_CPU": "true"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while len(list((out / "records" / "02").glob("*.json"))) < 4 and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank and the launcher at once
+    process.wait()
+    assert len(list((out / "records" / "02").glob("*.json"))) < 20, "the kill should land mid-stage"
+    run(launch(2, out, overrides))
+    assert files(out) == files(one_process_run)
