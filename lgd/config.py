@@ -40,19 +40,34 @@ class SamplingSection:
     eta: float = 0.0
     batch_size: int = 32  # candidates denoised together
     engine: str = "fast"  # fast (batched) or reference (one image at a time, plain eager fp32)
+    compile: bool = False  # torch.compile the DiT and the VAE decoder (fast engine only)
+    precision: str = "auto"  # autocast of DiT/VAE: auto (bf16 on GPUs with bf16, else fp32) | fp32 | bf16 | fp16
 
 
 @dataclass
 class TrainSection:
-    """One classifier-training recipe (method.md §7)."""
+    """One classifier-training recipe (method.md §7).
+
+    distributed: on a run of several processes, all of them train this classifier together
+    (DDP over Accelerate's process group, lgd.training.trainer): each draws the same data
+    order and augmentation parameters and computes its share of every global batch of
+    batch_size images, so the recipe is that of one process -- but the weights are not
+    bit-identical to a 1-process run (the gradient all-reduce adds floats in another order).
+    Off by default: the stage models, theta* and IGD's surrogate are then trained by the main
+    process alone, so the distilled set does not depend on the process count. For eval.recipe,
+    off spreads the evaluation's independent trainings over the processes; on trains each of
+    them on all processes together.
+    """
 
     network: str = "convnet6"
+    width: int | None = None  # channel width override (None: the network's own, 128 for ConvNet)
     recipe: str = "hard_label"  # hard_label (IDC/Minimax) or dc (DC/DSA ConvNet protocol)
     epochs: int | None = None  # None: the recipe's default (IPC-dependent for hard_label)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch, however many processes share it
+    distributed: bool = False  # DDP over all processes (see above)
 
 
 @dataclass
@@ -232,6 +247,7 @@ def _check_network(name: str, where: str) -> None:
 
 def _check_recipe(section: TrainSection, where: str) -> None:
     _check_network(section.network, f"{where}.network")
+    _check(section.width is None or section.width >= 1, f"{where}.width must be at least 1")
     _check(section.recipe in ("hard_label", "dc", "plain"), f"{where}.recipe must be hard_label, dc or plain")
     _check(section.epochs is None or section.epochs >= 1, f"{where}.epochs must be at least 1")
     _check(section.lr > 0, f"{where}.lr must be positive")
@@ -254,6 +270,13 @@ def validate(config: Config) -> None:
     _check(0 <= s.eta <= 1, f"sampling.eta must be in [0, 1], got {s.eta}")
     _check(s.batch_size >= 1, "sampling.batch_size must be at least 1")
     _check(s.engine in ("fast", "reference"), f"sampling.engine must be fast or reference, got {s.engine!r}")
+    from lgd.acceleration import PRECISIONS
+
+    _check(s.precision in PRECISIONS,
+           f"sampling.precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
+    _check(s.engine == "fast" or (not s.compile and s.precision in ("auto", "fp32")),
+           "sampling.engine=reference is plain eager fp32: it cannot be combined with sampling.compile=true "
+           f"or sampling.precision={s.precision}")
     st = config.stages
     _check(st.increment >= 1, f"stages.increment must be at least 1, got {st.increment}")
     _check(st.ipc >= st.increment and st.ipc % st.increment == 0,

@@ -1,14 +1,24 @@
 """`lgd evaluate`: the accuracy protocol (method.md §7) on a run directory, then the report.
 
     python -m lgd evaluate runs/nette --networks convnet6 resnet18 --runs 3 --device cuda
+    accelerate launch -m lgd evaluate runs/nette
+    accelerate launch lgd/evaluate.py runs/nette
 
 Trains every network `runs` times from scratch on each image set (LGD, the baselines under
 RUN/baselines/, a random real subset) and writes RUN/eval/results.json and RUN/eval/report.md.
+Launched on several processes, the trainings are shared among them (the table is the same).
 """
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (accelerate launch lgd/evaluate.py): import the installed package rather
+    # than letting lgd/'s own modules shadow the standard library.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
 
 SETS = ("random", "dit", "igd", "lgd")  # as lgd.evaluation.SET_ORDER; here so building the parser stays light
 
@@ -22,10 +32,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's device)")
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> Path | None:
     from lgd.evaluation import evaluate_run, load_run_config, resolve_device, write_report
+    from lgd.runtime import Runtime
 
     config = load_run_config(args.run_dir)
-    evaluate_run(args.run_dir, config, networks=args.networks, runs=args.runs, epochs=args.epochs, sets=args.sets,
-                 device=resolve_device(args.device or config.device))
-    return write_report(args.run_dir)
+    runtime = Runtime()
+    try:
+        name = args.device or config.device
+        # Several processes on "auto": each rank on its own device, as lgd distill does.
+        device = runtime.device if name == "auto" and runtime.world > 1 else resolve_device(name)
+        evaluate_run(args.run_dir, config, networks=args.networks, runs=args.runs, epochs=args.epochs,
+                     sets=args.sets, device=device, runtime=runtime)
+        return write_report(args.run_dir) if runtime.is_main else None
+    finally:
+        runtime.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lgd.__main__ import main as lgd_main
+
+    return lgd_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

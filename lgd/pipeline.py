@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from lgd.acceleration import apply_speedups
 from lgd.checkpoints import load_classifier, save_classifier
 from lgd.classifiers import build_classifier
 from lgd.config import Config, TrainSection
@@ -99,6 +100,8 @@ def load_generator(config: Config, device: torch.device) -> Generator:
             f"{dit.config.input_size} px x VAE factor {codec.downsample} = {dit.config.input_size * codec.downsample} px"
         )
     s = config.sampling
+    if s.engine == "fast":  # speed switches (lgd/acceleration.py); the reference engine stays eager fp32
+        apply_speedups(dit, codec, compile=s.compile, precision=s.precision)
     settings = SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta)
     shape = (dit.config.in_channels, dit.config.input_size, dit.config.input_size)
     return Generator(dit, codec, Sampler(dit, settings, shape))
@@ -199,9 +202,11 @@ class Distiller:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else ((0.5,), (0.5,))
         self.stats = {"mean": list(mean), "std": list(std)}
 
-    def spec(self, network: str) -> dict:
-        return {"name": network, "in_channels": self.channels, "num_classes": self.num_classes,
-                "image_size": self.classifier_size, **self.stats}
+    def spec(self, section: TrainSection) -> dict:
+        """build_classifier's arguments for a training section (saved with the weights)."""
+        width = {} if section.width is None else {"width": section.width}
+        return {"name": section.network, "in_channels": self.channels, "num_classes": self.num_classes,
+                "image_size": self.classifier_size, **self.stats, **width}
 
     def new_classifier(self, spec: dict, name: str) -> torch.nn.Module:
         """A freshly initialised classifier whose weights depend only on (run seed, name)."""
@@ -209,17 +214,29 @@ class Distiller:
             torch.manual_seed(derive_seed(self.config.seed, "init", name))
             return build_classifier(**spec).to(self.device)
 
+    # --- who trains a cached classifier (TrainSection.distributed) ----------------------
+    def together(self, section: TrainSection) -> bool:
+        """All ranks train this classifier with DDP, rather than the main process alone."""
+        return section.distributed and self.runtime.world > 1
+
+    def must_train(self, section: TrainSection, path: Path) -> bool:
+        """Whether this rank takes part in training the classifier cached at `path`."""
+        if not self.together(section):
+            return self.runtime.is_main and not path.exists()
+        return not self.runtime.share(path.exists())  # the main process's view, so all ranks agree
+
     def trained_classifier(self, name: str, section: TrainSection, data, ipc: int | None) -> torch.nn.Module:
-        """Train (main process) or load the cached classifier models/<name>.safetensors."""
+        """Train (main process, or all with DDP) or load the cached classifier models/<name>.safetensors."""
         path = self.run / "models" / f"{name}.safetensors"
-        if self.runtime.is_main and not path.exists():
-            spec = self.spec(section.network)
+        if self.must_train(section, path):
+            spec = self.spec(section)
             model = self.new_classifier(spec, name)
             log.info("training the %s classifier (%s, %s recipe)", name, section.network, section.recipe)
             train_classifier(model, data, section, ipc=ipc, classifier_size=self.classifier_size,
                              seed=derive_seed(self.config.seed, "classifier", name), device=self.device,
-                             progress=self.progress)
-            save_classifier(model, path, spec)
+                             progress=self.progress, runtime=self.runtime if self.together(section) else None)
+            if self.runtime.is_main:
+                save_classifier(model, path, spec)
         self.runtime.barrier()
         return load_classifier(path, self.device)[0].requires_grad_(False)
 
@@ -336,15 +353,18 @@ class Distiller:
             return self._influence
         g = self.config.igd
         path = self.run / "models" / "surrogate.safetensors"
-        spec = self.spec(g.surrogate.network)
+        spec = self.spec(g.surrogate)
         model = self.new_classifier(spec, "surrogate").eval()
-        if self.runtime.is_main and not path.exists():
+        training = self.must_train(g.surrogate, path)
+        if training:
             trajectory: list[dict] = []
             snapshot = lambda epoch, m: trajectory.append({k: v.detach().clone() for k, v in m.named_parameters()})
             log.info("training IGD's surrogate trajectory (%s, %s epochs)", g.surrogate.network, g.surrogate.epochs)
             train_classifier(model, self.train_set, g.surrogate, classifier_size=self.classifier_size,
                              seed=derive_seed(self.config.seed, "surrogate"), device=self.device,
-                             on_epoch=snapshot, progress=self.progress)
+                             on_epoch=snapshot, progress=self.progress,
+                             runtime=self.runtime if self.together(g.surrogate) else None)
+        if training and self.runtime.is_main:
             model.eval()
             indices = per_class_subset(self.train_set, g.target_images,
                                        torch.Generator().manual_seed(derive_seed(self.config.seed, "targets")))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lgd.acceleration import PRECISIONS, apply_speedups
 from lgd.errors import ConfigError
 from lgd.files import write_json, write_png
 from lgd.models import load_dit
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-heads", type=int, default=None, help="DiT heads, if not inferable from the checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT and the VAE decoder")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast dtype of the DiT and VAE (auto: bf16 on GPUs that support it, else fp32)")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> Path:
         raise ConfigError(
             f"the VAE makes {codec.latent_channels}-channel latents but the DiT expects {dit.config.in_channels}"
         )
+    dtype = apply_speedups(dit, codec, compile=args.compile, precision=args.precision)
     latent_shape = (dit.config.in_channels, dit.config.input_size, dit.config.input_size)
     sampler = Sampler(dit, settings, latent_shape)
 
@@ -97,6 +102,8 @@ def run(args: argparse.Namespace) -> Path:
             "dit": str(args.dit),
             "vae": str(args.vae),
             "settings": vars(settings),
+            "compile": args.compile,
+            "precision": str(dtype).removeprefix("torch."),
             "seed": args.seed,
             "images": records,
         })

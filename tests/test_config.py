@@ -47,6 +47,7 @@ def test_yaml_file_with_preset_base(tmp_path):
         ("sampling.cfg_scale=0.5", "sampling.cfg_scale"),
         ("sampling.method=euler", "sampling.method"),
         ("sampling.engine=turbo", "sampling.engine"),
+        ("sampling.precision=fp8", "sampling.precision must be one of auto, fp32, bf16, fp16"),
         ("eval.runs=0", "eval.runs"),
         ("eval.baselines=[gan]", "eval.baselines"),
         ("lgd.stage_model.recipe=adam", "lgd.stage_model.recipe"),

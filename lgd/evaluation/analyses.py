@@ -273,7 +273,7 @@ def analyze_run(
     for name, s in synthetic.items():
         increments = increment_ids(s, config.stages.increment)
         num_classes = int(test[1].max()) + 1 if test is not None else int(s.labels.max()) + 1
-        factory = ClassifierFactory(s.images.shape[1], num_classes, size, model_overrides or {})
+        factory = ClassifierFactory(s.images.shape[1], num_classes, size, model_overrides or width_override(config.eval.recipe))
         make = lambda seed: factory(network, seed)  # noqa: E731
         seed = derive_seed(config.seed, "analysis", name)
         common = dict(classifier_size=size, seed=seed, device=device, progress=progress)

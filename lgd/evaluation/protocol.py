@@ -11,6 +11,12 @@ each (network, set) so a long evaluation leaves usable partial results.
 
 Test images: loaded at data.image_size like the synthetic ones, then centre-cropped to the
 classifier size (IDC / Minimax test transform: resize 256, centre crop 224).
+
+On several processes (a Runtime of world > 1) the trainings (network x set x run) are dealt
+round-robin over the ranks, one round of `world` trainings at a time; the accuracies are
+gathered after each round and the main process writes. A training's seed depends only on the
+network and the run, so the table is that of one process. With eval.recipe.distributed the
+ranks instead train each model together (DDP), one after the other.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +39,9 @@ from lgd.files import write_json
 from lgd.rundir import SyntheticSet, load_synthetic
 from lgd.seeding import derive_seed
 from lgd.training import accuracy, train_classifier
+
+if TYPE_CHECKING:
+    from lgd.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,11 @@ def load_run_config(run: str | Path) -> Config:
 
 def classifier_size(config: Config) -> int:
     return config.data.classifier_size or config.data.image_size
+
+
+def width_override(section) -> dict:
+    """Constructor overrides a training section asks for (its channel width, if set)."""
+    return {} if section.width is None else {"width": section.width}
 
 
 @dataclass
@@ -174,13 +189,19 @@ def evaluate_run(
     test_data=None,
     model_overrides: dict | None = None,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> dict:
     """Run the protocol and write RUN/eval/results.json (accuracies in percent).
 
     train_data / test_data default to the config's dataset (needed: test always, train only
     for the Random baseline); model_overrides go to build_classifier (tiny test networks).
+    runtime: the processes to share the trainings among (every rank calls this with the same
+    arguments and gets the whole results; the main process writes); None: this process alone.
     """
     run = Path(run)
+    world = runtime.world if runtime is not None else 1
+    writer = runtime is None or runtime.is_main  # the one process that writes and shows progress
+    progress = progress and writer
     networks = [canonical_name(n) for n in (networks or config.eval.networks)]
     runs = config.eval.runs if runs is None else runs
     if runs < 1 or (epochs is not None and epochs < 1):
@@ -191,7 +212,7 @@ def evaluate_run(
     size = classifier_size(config)
 
     synthetic, skipped = load_image_sets(run, [n for n in names if n != "random"])
-    for name, reason in skipped.items():
+    for name, reason in skipped.items() if writer else ():
         log.warning("skipping the %s set: %s", SET_TITLES[name], reason)
     ipc = images_per_class(synthetic["lgd"].labels) if "lgd" in synthetic else config.stages.ipc
     if test_data is None:
@@ -204,7 +225,7 @@ def evaluate_run(
         train_data = load_dataset(config.data.name, "train", config.data.root, config.data.image_size)
     num_classes = _num_classes(test_data)
     test = materialise(test_data, crop=size, progress=progress)
-    factory = ClassifierFactory(test[0].shape[1], num_classes, size, model_overrides or {})
+    factory = ClassifierFactory(test[0].shape[1], num_classes, size, model_overrides or width_override(config.eval.recipe))
 
     def images_of(name: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "random":
@@ -224,22 +245,37 @@ def evaluate_run(
         "accuracy": {},
     }
     out = run / "eval" / "results.json"
-    bar = tqdm(total=len(networks) * len(available) * runs, desc="evaluate", unit="model", disable=not progress)
-    for network in networks:
-        for name in available:
-            scores = []
-            for r in range(runs):
-                seed = derive_seed(config.seed, "eval", network, r)
-                bar.set_postfix_str(f"{network} {SET_TITLES[name]} run {r + 1}/{runs}")
-                model = factory(network, seed)
-                train_classifier(model, images_of(name, r), section, classifier_size=size, seed=seed,
-                                 device=device, progress=progress)
-                scores.append(100 * accuracy(model, test, device, classifier_size=size))
-                bar.update()
-            t = torch.tensor(scores, dtype=torch.float64)
+    together = section.distributed and world > 1  # each model trained by all ranks (DDP)
+    jobs = [(network, name, r) for network in networks for name in available for r in range(runs)]
+    scores: dict[tuple[str, str, int], float] = {}
+    bar = tqdm(total=len(jobs), desc="evaluate", unit="model", disable=not progress)
+
+    def score(job: tuple[str, str, int]) -> float:
+        network, name, r = job
+        seed = derive_seed(config.seed, "eval", network, r)  # never the rank: the table is the 1-process one
+        bar.set_postfix_str(f"{network} {SET_TITLES[name]} run {r + 1}/{runs}")
+        model = factory(network, seed)
+        train_classifier(model, images_of(name, r), section, classifier_size=size, seed=seed,
+                         device=device, progress=progress, runtime=runtime if together else None)
+        return 100 * accuracy(model, test, device, classifier_size=size)
+
+    split = world > 1 and not together  # rounds of `world` trainings, one per rank
+    stride = world if split else 1
+    for start in range(0, len(jobs), stride):
+        batch = jobs[start : start + stride]
+        mine = batch[runtime.rank : runtime.rank + 1] if split else batch
+        done = [(job, score(job)) for job in mine]
+        scores.update(runtime.gather(done) if split else done)
+        bar.update(len(batch))
+        finished = [(network, name) for network, name, r in batch if r == runs - 1]  # jobs run in order
+        for network, name in finished:
+            cell = [scores[(network, name, r)] for r in range(runs)]
+            t = torch.tensor(cell, dtype=torch.float64)
             results["accuracy"].setdefault(network, {})[name] = {
-                "mean": float(t.mean()), "std": float(t.std(unbiased=False)), "runs": scores}
+                "mean": float(t.mean()), "std": float(t.std(unbiased=False)), "runs": cell}
+        if finished and writer:
             write_json(out, results)
     bar.close()
-    write_json(out, results)
+    if writer:
+        write_json(out, results)
     return results

@@ -13,12 +13,21 @@ Images are resized (antialiased bilinear) to `classifier_size` when it differs f
 Data order and augmentation parameters come from one CPU torch.Generator seeded with `seed`:
 the same seed and the same initial weights give the same run (bit-identical on CPU; on GPU
 up to cuDNN's own non-determinism).
+
+Distributed (section.distributed, a Runtime of several processes): the model is wrapped in
+DistributedDataParallel on the process group Accelerate set up (gloo on CPU, nccl on GPU).
+Every rank draws the same order and augmentation parameters from its identically seeded
+generator, augments the whole global batch of batch_size images, and runs the network on
+its own contiguous share of it; DDP averages the gradients. Same recipe as one process,
+not the same bits (the all-reduce adds in another order). A Dataset source is read in full
+by every rank (the augmentation needs the whole batch); in-memory tensors cost nothing.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lgd.config import TrainSection
-from lgd.errors import ConfigError, DataError
+from lgd.errors import ConfigError, DataError, LgdError
 from lgd.training.augment import cutmix, dsa_augment, hard_label_augment, mixed_cross_entropy
+
+if TYPE_CHECKING:
+    from lgd.runtime import Runtime
 
 RECIPES = ("hard_label", "dc", "plain")
 DC_BATCH_SIZE = 256
@@ -143,22 +155,60 @@ def _normalisation(model: nn.Module) -> tuple[torch.Tensor | float, torch.Tensor
     return 0.5, 0.5
 
 
-def _loss_fn(recipe: str, model: nn.Module, size: int | None, generator: torch.Generator) -> Callable:
-    """(images, labels) -> loss with the recipe's augmentation."""
+Criterion = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of batch rows `part`, part) -> mean loss
+
+
+def _augment_fn(recipe: str, model: nn.Module, generator: torch.Generator) -> Callable:
+    """(images, labels) -> (augmented images, criterion) with the recipe's augmentation."""
     if recipe == "hard_label":
-        def loss(x, y):
+        def augment(x, y) -> tuple[torch.Tensor, Criterion]:
             x = hard_label_augment(x, x.shape[-1], generator)
             x, partner, lam = cutmix(x, y, generator)
-            return mixed_cross_entropy(model(x), y, partner, lam)
+            return x, lambda logits, part: mixed_cross_entropy(logits, y[part], partner[part], lam)
     elif recipe == "dc":
         mean, std = _normalisation(model)
 
-        def loss(x, y):
-            return F.cross_entropy(model(dsa_augment(x, generator, mean=mean, std=std)), y)
+        def augment(x, y) -> tuple[torch.Tensor, Criterion]:
+            return dsa_augment(x, generator, mean=mean, std=std), lambda logits, part: F.cross_entropy(logits, y[part])
     else:
-        def loss(x, y):
-            return F.cross_entropy(model(x), y)
-    return lambda x, y: loss(fit_size(x, size), y)
+        def augment(x, y) -> tuple[torch.Tensor, Criterion]:
+            return x, lambda logits, part: F.cross_entropy(logits, y[part])
+    return augment
+
+
+def _loss_fn(recipe: str, model: nn.Module, size: int | None, generator: torch.Generator,
+             forward: nn.Module | None = None, rank: int = 0, world: int = 1) -> Callable:
+    """(images, labels) -> loss with the recipe's augmentation.
+
+    With world > 1 (`forward` the DDP-wrapped model) the whole global batch is augmented --
+    CutMix pairs images across all of it -- and this rank's contiguous share goes through the
+    network. Its mean loss is weighted by share * world / batch, so DDP's gradient average is
+    the gradient of the whole batch's mean loss, as on one process.
+    """
+    augment = _augment_fn(recipe, model, generator)
+    forward = forward or model
+
+    def loss(x, y):
+        x, criterion = augment(fit_size(x, size), y)
+        if world == 1:
+            return criterion(forward(x), slice(None))
+        b = len(y)
+        part = slice(b * rank // world, b * (rank + 1) // world)
+        logits = forward(x[part])
+        share = part.stop - part.start
+        if share == 0:  # a last batch smaller than the world: join the gradient all-reduce with zeros
+            return logits.sum() * 0
+        return criterion(logits, part) * (share * world / b)
+    return loss
+
+
+def _check_in_sync(model: nn.Module, runtime: Runtime) -> None:
+    """DDP keeps the replicas equal (same averaged gradients, same optimizer steps): verify it
+    with one small gather of per-tensor sums, compared as bytes (NaN-safe)."""
+    fingerprint = torch.stack([t.detach().double().sum().cpu() for t in model.state_dict().values()])
+    prints = runtime.gather([fingerprint.numpy().tobytes()])
+    if len(set(prints)) != 1:
+        raise LgdError("distributed training ended with different weights on different processes")
 
 
 def train_classifier(
@@ -175,6 +225,7 @@ def train_classifier(
     track: tuple[torch.Tensor, torch.Tensor] | None = None,
     eval_every: int = 1,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> TrainHistory:
     """Train `model` in place with `section`'s recipe; it is left in eval mode.
 
@@ -182,6 +233,9 @@ def train_classifier(
     eval_data: scored (top-1) every `eval_every` epochs and after the last one.
     track: (images, labels) whose true-class probability is recorded after every epoch.
     ipc: images per class, for the hard-label epoch rule (inferred from the labels if None).
+    runtime: with section.distributed and several processes, every rank must call this with the
+    same arguments; they train one model together (DDP) and all end with the same weights.
+    Otherwise the runtime is ignored and this process trains alone.
     """
     if section.recipe not in RECIPES:
         raise ConfigError(f"unknown training recipe {section.recipe!r}; choose from {', '.join(RECIPES)}")
@@ -199,7 +253,15 @@ def train_classifier(
     milestones, factor = lr_milestones(section.recipe, epochs)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=factor)
     generator = torch.Generator().manual_seed(seed)  # CPU: data order and augmentation parameters
-    loss_fn = _loss_fn(section.recipe, model, classifier_size, generator)
+    together = section.distributed and runtime is not None and runtime.world > 1
+    if together:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Construction broadcasts rank 0's weights, so all replicas start equal.
+        forward, rank, world = DistributedDataParallel(model), runtime.rank, runtime.world
+    else:
+        forward, rank, world = model, 0, 1
+    loss_fn = _loss_fn(section.recipe, model, classifier_size, generator, forward, rank, world)
     tracked = _Source(track, device) if track is not None else None
     confidences = []
     history = TrainHistory(epochs=epochs)
@@ -216,9 +278,11 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.detach() * len(y)
+            total += loss.detach() * (len(y) / world)  # this rank's share of the batch's loss sum
             count += len(y)
         scheduler.step()
+        if together:
+            torch.distributed.all_reduce(total)
         history.loss.append(float(total) / count)  # one host sync per epoch
         if eval_data is not None and (epoch % eval_every == 0 or epoch == epochs):
             history.test_epochs.append(epoch)
@@ -230,6 +294,8 @@ def train_classifier(
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
     if tracked is not None:
         history.confidence = torch.stack(confidences)
+    if together:
+        _check_in_sync(model, runtime)
     model.eval()
     return history
 

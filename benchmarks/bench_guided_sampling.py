@@ -1,0 +1,37 @@
+"""Images/s of WHOLE guided sampling of one unit, fast (one batch) vs reference (one image at a
+time), LGD and IGD, through the pipeline's own `Distiller.sample_candidates`.
+
+    pytest benchmarks/bench_guided_sampling.py --benchmark-only -q
+
+The paper's 50-step schedule takes minutes per unit on this CPU, so the loop runs a shorter
+respaced schedule with the guidance window at the same fraction of it (extra_info records
+steps, window and guided steps, and the 50-step originals). One timed round, no warm-up: a
+unit runs many steps, so first-call costs are spread as in a real run.
+"""
+import pytest
+
+from _measure import environment
+from _scenarios import KINDS, PROVIDERS, sampling_run, sampling_schedule
+
+# config -> respaced steps, fast batch, reference images per call
+PLAN = {
+    "demo": {"steps": 5, "fast": 30, "reference": {"lgd": 2, "igd": 1}},
+    "dit-b2": {"steps": 3, "fast": 2, "reference": {"lgd": 1, "igd": 1}},
+}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config", list(PLAN))
+def test_guided_sampling(benchmark, scenarios, config, kind, provider):
+    scn = scenarios(config)
+    plan = PLAN[config]
+    images = plan["fast"] if provider == "fast" else plan["reference"][kind]
+    run = sampling_run(scn, kind, provider, images, plan["steps"])
+    benchmark.group = f"guided sampling | {config} | {kind.upper()}"
+    benchmark.extra_info.update(
+        kernel="guided_sampling", path=kind, provider=provider, images=images,
+        batch=images if provider == "fast" else 1, **sampling_schedule(scn, kind, plan["steps"]),
+        **scn.info(), **environment(),
+    )
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)

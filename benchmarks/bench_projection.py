@@ -1,0 +1,109 @@
+"""FLOPs of the guided steps at ImageNette scale, counted on the meta device (shapes only, no
+compute): the input of BENCHMARKS.md's projection of a full ImageNette run on one H100.
+
+    pytest benchmarks/bench_projection.py --benchmark-only -q
+
+DiT-XL/2 on 32x32x4 latents (256 px), the SD-VAE decoder (AutoencoderKL 128/256/512/512, two
+layers per block), ConvNet-6 classifiers at 224 px, per image (batch 1): the fast LGD and IGD
+guided steps, an unguided step, the final decode and the rank-selection scoring. Settings come
+from the nette preset. The timed call is the counting itself and means nothing.
+"""
+import torch
+
+from _measure import count_flops, environment
+from _scenarios import CLASS, NUM_CLASSES, STEP_INDEX
+
+from lgd.classifiers import build_classifier
+from lgd.config import Config, read_preset
+from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
+from lgd.models import create_dit
+from lgd.models.vae import LatentCodec
+from lgd.sampling import Sampler, SamplerSettings
+
+META = torch.device("meta")
+SD_VAE = dict(  # the layout of sd-vae-ft-mse / sd-vae-ft-ema, the VAE of DiT-XL/2
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=256,
+)
+
+
+class MetaNoise:
+    """Stands in for NoiseStream: shapes only."""
+
+    def randn(self, *shape, dtype=torch.float32):
+        return torch.zeros(1, *shape, device=META, dtype=dtype)
+
+
+def nette_settings() -> dict:
+    preset, base = read_preset("nette"), Config()
+    get = lambda section, key, default: preset.get(section, {}).get(key, default)
+    return {
+        "steps": get("sampling", "steps", base.sampling.steps),
+        "cfg_scale": get("sampling", "cfg_scale", base.sampling.cfg_scale),
+        "lgd_window": list(get("lgd", "window", base.lgd.window)),
+        "igd_window": list(get("igd", "window", base.igd.window)),
+        "kappa": get("lgd", "kappa", base.lgd.kappa),
+        "increment": get("stages", "increment", base.stages.increment),
+        "checkpoints": get("igd", "checkpoints", base.igd.checkpoints),
+        "image_size": get("data", "image_size", 256),
+        "classifier_size": get("data", "classifier_size", 224),
+        "network": preset.get("lgd", {}).get("stage_model", {}).get("network", "convnet6"),
+        "surrogate": preset.get("igd", {}).get("surrogate", {}).get("network", "convnet6"),
+        "classes": NUM_CLASSES,
+    }
+
+
+def count_all(nette: dict) -> dict:
+    size = nette["classifier_size"]
+    classifier = lambda name: build_classifier(name, 3, NUM_CLASSES, size).to(META).eval().requires_grad_(False)
+    with META:
+        dit = create_dit("DiT-XL/2").eval().requires_grad_(False)
+        from diffusers import AutoencoderKL
+
+        codec = LatentCodec(AutoencoderKL(**SD_VAE), scale=0.18215).eval().requires_grad_(False)
+    student, reference, surrogate = classifier(nette["network"]), classifier(nette["network"]), classifier(nette["surrogate"])
+    params = {k: torch.empty_like(v) for k, v in surrogate.named_parameters()}
+    total = sum(v.numel() for v in params.values())
+    influence = InfluenceLoss(surrogate, [params] * nette["checkpoints"],
+                              torch.empty(nette["checkpoints"], NUM_CLASSES, total, device=META))
+    sampler = Sampler(dit, SamplerSettings(nette["steps"], nette["cfg_scale"]), (4, 32, 32))
+    alphas, no_memory = sampler.diffusion.alphas_cumprod, ClassMemory(1)
+    lgd = LearnabilityGuidance(
+        codec=codec, student=student, reference=reference, alphas_cumprod=alphas, omega=0.5, lam=15.0,
+        rho_scale=0.0015, window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0),
+        classifier_size=size, fused=False)  # the fused op adds no FLOPs and has no meta kernel
+    igd = InfluenceGuidance(
+        codec=codec, loss=influence, alphas_cumprod=alphas, k=5.0, rho_scale=0.0015,
+        window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0), classifier_size=size)
+    x = torch.zeros(1, 4, 32, 32, device=META)
+    y = torch.full((1,), CLASS, device=META)
+    step = lambda guidance: lambda: sampler.step(x, STEP_INDEX, y, MetaNoise(), guidance, y)
+    t = torch.zeros(1, device=META)
+
+    def score():
+        with torch.no_grad():
+            images = torch.nn.functional.interpolate(codec.decode(x), size=(size, size), mode="bilinear")
+            student(images), reference(images)
+
+    return {
+        "lgd_step": count_flops(step(lgd)),
+        "igd_step": count_flops(step(igd)),
+        "unguided_step": count_flops(step(None)),
+        "decode": count_flops(lambda: codec.decode(x)),
+        "decode_and_score": count_flops(score),
+        "dit_forward": count_flops(lambda: dit(x, t, y)),
+    }
+
+
+def test_flops_imagenette_scale(benchmark):
+    nette = nette_settings()
+    result = {}
+    benchmark.group = "FLOP count at ImageNette scale (meta device)"
+    benchmark.extra_info.update(
+        kernel="flop_count", provider="meta", path="projection", nette=nette,
+        models="DiT-XL/2 @ 32x32x4, SD-VAE decoder, ConvNet-6 @ 224 px", **environment(),
+    )
+    benchmark.pedantic(lambda: result.update(count_all(nette)), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["counts"] = result
+    assert result["lgd_step"]["dit"] > 0 and result["lgd_step"]["codec"] > 0

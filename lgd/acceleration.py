@@ -1,0 +1,99 @@
+"""Speed switches for the generator: torch.compile and mixed precision, each off by default.
+
+`apply_speedups(dit, codec, compile=..., precision=...)` patches instance attributes only
+(`dit.forward`, `dit.forward_with_cfg`, `codec.decode`, `codec.encode`, the VAE decoder's
+`forward`), so state_dict keys, the Sampler and every caller are unchanged. With compile off
+and fp32 nothing is touched at all.
+
+Precision is autocast around the DiT and VAE calls and nothing else: their outputs are cast
+back to fp32, so latents, the DDPM step and every guidance loss run in fp32 outside any
+autocast region. In particular IGD's classifier double backward (InfluenceLoss) never runs
+under fp16 autocast, which gives NaN with a double `autograd.grad` (engineering.md).
+The DiT and VAE are only differentiated to first order, which low precision supports.
+
+Compile covers the DiT's `forward` / `forward_with_cfg` and the VAE decoder with
+fullgraph=True; the guidance classifiers (the double-backward region) stay eager.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lgd.errors import ConfigError
+from lgd.models.vae import LatentCodec
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Measured with torch 2.13 (CPU inductor): with its default channels-last layout optimisation the
+# compiled diffusers VAE decoder returns an ALL-ZERO input gradient (forward is correct). The
+# pattern is GroupNorm -> conv -> conv, residual add, `/ output_scale_factor`, nearest 2x
+# upsample, conv: the backward kernel reads the upsample-gradient buffer right after zeroing it,
+# before the scatter-add fills it. Turning the layout optimisation off gives the eager gradient
+# (rel. error ~1e-6). tests/test_acceleration.py checks the decoder's input gradient.
+_DECODER_INDUCTOR_OPTIONS = {"layout_optimization": False}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
+    """The compute dtype for `precision` on `device`. "auto": bf16 on CUDA GPUs that support
+    it, else fp32 (so always fp32 on CPU)."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if bf16_gpu else torch.float32
+    if precision == "bf16" and device.type == "cuda" and not bf16_gpu:
+        raise ConfigError("precision bf16 was requested but this GPU does not support bf16; use fp16 or fp32")
+    return _DTYPES[precision]
+
+
+def _autocast_fp32_out(fn: Callable, device_type: str, dtype: torch.dtype) -> Callable:
+    """fn under autocast(dtype), its tensor result cast back to fp32 after the region ends."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            out = fn(*args, **kwargs)
+        return out.float()
+
+    return run
+
+
+def apply_speedups(
+    dit: nn.Module, codec: nn.Module | None = None, *, compile: bool = False, precision: str = "auto"
+) -> torch.dtype:
+    """Switch on torch.compile and/or autocast for a DiT and its latent codec, in place.
+
+    Returns the compute dtype chosen. The codec may be a LatentCodec (VAE) or any other codec
+    (e.g. IdentityCodec), which has nothing to accelerate and is left alone. Apply once, after
+    the models are on their device and in eval mode.
+    """
+    if getattr(dit, "_lgd_speedups", None) is not None:
+        raise ConfigError("speedups are already applied to this DiT; apply them once per loaded model")
+    device = next(dit.parameters()).device
+    dtype = resolve_precision(precision, device)
+    lowp = dtype != torch.float32
+    dit._lgd_speedups = (compile, dtype)
+
+    # forward_with_cfg calls self(...), i.e. the patched forward below; when both are
+    # compiled, dynamo inlines the inner one into the CFG graph.
+    for name in ("forward", "forward_with_cfg"):
+        fn = getattr(dit, name)
+        if compile:
+            fn = torch.compile(fn, fullgraph=True)
+        if lowp:
+            fn = _autocast_fp32_out(fn, device.type, dtype)
+        if compile or lowp:
+            setattr(dit, name, fn)
+
+    if isinstance(codec, LatentCodec):
+        if compile:
+            decoder = codec.vae.decoder
+            decoder.forward = torch.compile(decoder.forward, fullgraph=True, options=_DECODER_INDUCTOR_OPTIONS)
+        if lowp:
+            codec.decode = _autocast_fp32_out(codec.decode, device.type, dtype)
+            codec.encode = _autocast_fp32_out(codec.encode, device.type, dtype)
+    return dtype
