@@ -1,0 +1,39 @@
+"""The command line: bad input ends in one clear message, exit code 2, and no output written."""
+import pytest
+
+from lgd.__main__ import main
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages.ipc=9"], "multiple of stages.increment"),
+        (["model.dit=/no/such/DiT-XL-2-256x256.pt"], "/no/such/DiT-XL-2-256x256.pt"),
+        (["data.name=imagenette", "data.root=/no/such/imagenette"], "/no/such/imagenette"),
+        (["sampling.cfg_scale=0"], "sampling.cfg_scale"),
+    ],
+)
+def test_distill_rejects_bad_config_before_any_work(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    assert main(["distill", "--config", "demo", "--out", str(out), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_distill_rejects_class_count_mismatch(tmp_path, capsys):
+    from tests.helpers import tiny_dit_file, tiny_vae_folder
+
+    dit = tiny_dit_file(tmp_path / "dit.safetensors", num_classes=3)
+    vae = tiny_vae_folder(tmp_path / "vae", image_channels=1)
+    out = tmp_path / "run"
+    code = main(["distill", "--config", "demo", "--out", str(out), f"model.dit={dit}", f"model.vae={vae}",
+                 "data.image_size=8"])
+    assert code == 2
+    assert "the DiT has 3 classes and the dataset 10" in capsys.readouterr().err
+    assert not list(out.glob("images/*"))
+
+
+def test_evaluate_missing_run_directory(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
