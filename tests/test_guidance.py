@@ -70,6 +70,8 @@ def test_checkpoint_selection_keeps_first_and_dissimilar():
     kept, targets = select_checkpoints(model, trajectory, real, labels, 3, count=3, threshold=0.7)
     assert kept == [0, 2, 4]  # identical neighbours (cosine 1) are skipped
     assert targets.shape[:2] == (3, 3)
+    kept, targets = select_checkpoints(model, trajectory[:3], real, labels, 3, count=4, threshold=0.7)
+    assert kept == [0, 2] and targets.shape[0] == 2  # fewer than asked: the ones found, with a warning
 
 
 def test_cosine_gradient_matches_autograd():

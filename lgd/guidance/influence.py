@@ -12,12 +12,16 @@ a time, as the official code does.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from lgd.guidance.deviation import Deviation
 from lgd.guidance.common import NonFinite, to_classifier_input
+
+log = logging.getLogger(__name__)
 
 Params = dict[str, torch.Tensor]
 
