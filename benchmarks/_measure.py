@@ -25,17 +25,33 @@ from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop, sdpa_flop
 
 aten = torch.ops.aten
 
-# torch 2.13's FlopCounterMode has formulas for the CUDA SDPA kernels only; on CPU
-# F.scaled_dot_product_attention runs these two ops, which would otherwise count zero. The
-# registered formulas are already shape-wrapped; FlopCounterMode wraps custom ones again, so
-# pass the unwrapped originals (same argument order as the CPU ops' schemas).
-CPU_SDPA_FLOPS = {
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape, **kwargs) -> int:
+    """convolution_backward with grouped convolutions counted right. torch 2.13's formula counts
+    the weight gradient of a grouped conv `groups` times over (it transposes batch and channels
+    and ignores groups), which made vmap's per-sample gradients (groups = batch) look quadratic
+    in the batch. A weight gradient costs what the forward costs; the input gradient is torch's."""
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+# Formulas FlopCounterMode lacks or gets wrong. On CPU F.scaled_dot_product_attention runs the
+# two *_for_cpu ops, which torch 2.13 counts as zero; its registered SDPA formulas are already
+# shape-wrapped and custom ones get wrapped again, so pass the unwrapped originals (same
+# argument order as the CPU ops' schemas).
+FLOP_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop.__wrapped__,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop.__wrapped__,
+    aten.convolution_backward: conv_backward_flops,
 }
 # Top-level module class names -> the part of a guided step they belong to; anything else
 # seen at the top level is the codec (diffusers' Decoder and post_quant_conv).
@@ -45,7 +61,7 @@ PARTS = {"DiT": "dit", "ConvNet": "classifiers", "ResNet": "classifiers"}
 def count_flops(fn: Callable[[], object]) -> dict[str, int]:
     """Run fn once under FlopCounterMode -> {"total", "dit", "codec", "classifiers", "other"};
     "other" is what ran outside any module (e.g. functional parameter-gradient algebra)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         fn()
     parts = {"dit": 0, "codec": 0, "classifiers": 0}
     for name, ops in counter.get_flop_counts().items():

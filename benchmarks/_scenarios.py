@@ -52,7 +52,6 @@ class Scenario:
     influence: InfluenceLoss
     memory: ClassMemory
     classifier_size: int
-    fast_batch: int  # candidates of one fast unit
     weights: str
     codec_info: str
 
@@ -153,7 +152,7 @@ def _memory(config: Config, latent_shape, seed: int) -> ClassMemory:
     return memory
 
 
-def build_demo(fast_batch: int = 30) -> Scenario:
+def build_demo() -> Scenario:
     from lgd.demo.models import ASSETS, load_demo_dit
     from lgd.demo.train import DIT_BASE, DIT_OVERRIDES, VAE_CONFIG
     from lgd.models.vae import load_vae
@@ -177,11 +176,11 @@ def build_demo(fast_batch: int = 30) -> Scenario:
     return Scenario(
         name="demo", config=config, dit=_frozen(dit), codec=_frozen(codec), student=student,
         reference=reference, influence=influence, memory=_memory(config, _latent(dit), 2),
-        classifier_size=size, fast_batch=fast_batch, weights=f"DiT {dit_weights}, VAE {vae_weights}",
+        classifier_size=size, weights=f"DiT {dit_weights}, VAE {vae_weights}",
         codec_info=f"AutoencoderKL {blocks} 32x32x1 <-> 8x8x4")
 
 
-def build_dit_b2(fast_batch: int = 2) -> Scenario:
+def build_dit_b2() -> Scenario:
     # The paper's defaults (method.md), with ConvNet-3 classifiers to keep them small.
     small = lambda section: dataclasses.replace(section, network="convnet3")
     base = Config()
@@ -198,7 +197,7 @@ def build_dit_b2(fast_batch: int = 2) -> Scenario:
     return Scenario(
         name="dit-b2", config=config, dit=_frozen(dit), codec=_frozen(codec), student=student,
         reference=reference, influence=influence, memory=_memory(config, _latent(dit), 2),
-        classifier_size=32, fast_batch=fast_batch, weights="random", codec_info="identity 32x32x4")
+        classifier_size=32, weights="random", codec_info="identity 32x32x4")
 
 
 def _latent(dit: DiT) -> tuple[int, int, int]:

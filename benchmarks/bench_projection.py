@@ -62,7 +62,8 @@ def count_all(nette: dict) -> dict:
         from diffusers import AutoencoderKL
 
         codec = LatentCodec(AutoencoderKL(**SD_VAE), scale=0.18215).eval().requires_grad_(False)
-    student, reference, surrogate = classifier(nette["network"]), classifier(nette["network"]), classifier(nette["surrogate"])
+    student, reference = classifier(nette["network"]), classifier(nette["network"])
+    surrogate = classifier(nette["surrogate"])
     params = {k: torch.empty_like(v) for k, v in surrogate.named_parameters()}
     total = sum(v.numel() for v in params.values())
     influence = InfluenceLoss(surrogate, [params] * nette["checkpoints"],

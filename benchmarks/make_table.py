@@ -88,7 +88,7 @@ def pair(group: list[dict]) -> tuple[dict | None, dict | None]:
 def machine_section(runs: list[dict], benchmarks: list[dict]) -> list[str]:
     m = runs[0]["machine"]
     cpu = m.get("cpu", {})
-    info = [b["extra_info"] for b in benchmarks if "torch" in b.get("extra_info", {})]
+    info = [b["extra_info"] for b in benchmarks if "load_1min" in b.get("extra_info", {})]
     first = info[0] if info else {}
     loads = [i["load_1min"] for i in info if "load_1min" in i]
     hz = (cpu.get("hz_actual") or [0])[0]
@@ -168,8 +168,8 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
              "DiT, DDPM step, VAE decode of the Tweedie estimate, classifiers, backward to x_t, deviation "
              "guidance. fast = all candidates as one batch (fused learnability op / batched vmap influence "
              "loss); reference = one image at a time (plain learnability / one backward per surrogate "
-             "checkpoint). FLOPs: FlopCounterMode on the first call (matmul, conv, attention; forward "
-             "and backward).", ""]
+             "checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
+             "backward; elementwise ops, norms and softmax count zero).", ""]
     header = ["provider", "batch", "images/call", "rounds", "s/call (median)", "images/s (median)",
               "images/s (best)", "fast/ref", "GFLOP/image", "GFLOP/s (best)", "% of ceiling"]
     for name, group in grouped(steps).items():
@@ -183,12 +183,16 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
         if (e["config"], e["path"], e["provider"]) in seen:  # FLOPs do not depend on the thread count
             continue
         seen.add((e["config"], e["path"], e["provider"]))
-        rows.append([e["config"], e["path"].upper(), e["provider"]] + [fmt(f[k] / n / 1e9) for k in
-                                                                      ("total", "dit", "codec", "classifiers", "other")])
+        parts = ("total", "dit", "codec", "classifiers", "other")
+        rows.append([e["config"], e["path"].upper(), e["provider"]] + [fmt(f[k] / n / 1e9) for k in parts])
     lines += table(["config", "guidance", "provider", "total", "DiT", "codec", "classifiers", "other"], rows)
-    lines += ["'other' ran outside any module (IGD: the parameter-gradient algebra of the double backward). "
-              "The reference IGD step runs E backward passes through DiT and decoder, the fast one a single "
-              "pass.", ""]
+    lines += ["'other' ran outside every module's forward and backward hooks: for IGD the second-order "
+              "(double-backward) convolutions through the surrogate. The reference IGD step runs E backward "
+              "passes through DiT and decoder, the fast one a single pass. Counting notes: torch 2.13's "
+              "FlopCounterMode counts CPU attention (`_scaled_dot_product_flash_attention_for_cpu`) as zero and "
+              "the weight gradient of a grouped convolution `groups` times over (vmap's per-sample gradients "
+              "are grouped convs with groups = batch); benchmarks/_measure.py supplies correct formulas for both.",
+              ""]
     return lines
 
 
@@ -294,7 +298,11 @@ def goals_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
             rows.append([f"fast {e['path'].upper()} step >= {100 * CEILING_GOAL:.0f} % of the fp32 matmul "
                          "ceiling (DiT-B/2)", e["threads"], f"{100 * share:.1f} %",
                          "yes" if share >= CEILING_GOAL else "**no**"])
-    return ["## Goals", ""] + table(["goal", "threads", "measured", "met"], rows) if rows else []
+    if not rows:
+        return []
+    return (["## Goals", "", "On a loaded shared machine the 2-thread verdicts can flip from one run to the next "
+             "(see Machine); the 1-thread rows, where present, are the stable comparison.", ""]
+            + table(["goal", "threads", "measured", "met"], rows))
 
 
 def projection_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
@@ -389,7 +397,8 @@ def other_section(benchmarks: list[dict]) -> list[str]:
     for name, group in grouped(rest).items():
         rows = [[b["name"], b["extra_info"].get("provider", ""), b["stats"]["rounds"], fmt(b["stats"]["min"] * 1e3),
                  fmt(b["stats"]["median"] * 1e3), fmt(b["stats"]["mean"] * 1e3)] for b in group]
-        lines += [f"### {name}", ""] + table(["benchmark", "provider", "rounds", "min ms", "median ms", "mean ms"], rows)
+        header = ["benchmark", "provider", "rounds", "min ms", "median ms", "mean ms"]
+        lines += [f"### {name}", ""] + table(header, rows)
     return lines
 
 
