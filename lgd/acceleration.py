@@ -10,6 +10,8 @@ back to fp32, so latents, the DDPM step and every guidance loss run in fp32 outs
 autocast region. In particular IGD's classifier double backward (InfluenceLoss) never runs
 under fp16 autocast, which gives NaN with a double `autograd.grad` (engineering.md).
 The DiT and VAE are only differentiated to first order, which low precision supports.
+Low precision errs most where guidance looks: x0_hat = (x_t - sqrt(1-abar) eps) / sqrt(abar)
+multiplies the eps error by up to 1/sqrt(abar) (~160 at t = 999).
 
 Compile covers the DiT's `forward` / `forward_with_cfg` and the VAE decoder with
 fullgraph=True; the guidance classifiers (the double-backward region) stay eager.
@@ -73,6 +75,11 @@ def apply_speedups(
     """
     if getattr(dit, "_lgd_speedups", None) is not None:
         raise ConfigError("speedups are already applied to this DiT; apply them once per loaded model")
+    if compile and getattr(dit, "attention_backend", None) == "xformers":
+        # dynamo cannot trace the xformers import/probe in Attention (measured: "Unsupported:
+        # Import failure"), so fullgraph=True would fail at the first call.
+        raise ConfigError("torch.compile cannot trace the xformers attention backend; "
+                          "use the default sdpa backend when compiling")
     device = next(dit.parameters()).device
     dtype = resolve_precision(precision, device)
     lowp = dtype != torch.float32

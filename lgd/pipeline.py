@@ -7,9 +7,11 @@
         for each class and new slot: kappa learnability-guided candidates, keep the top S
     plus the evaluation baselines (plain DiT and IGD sets of the full IPC).
 
-Work is cut into units (one class, a few slots, all their candidates) that are denoised as
-one batch. Everything a unit does depends only on its seeds and on the class memory before
-it, so a resumed run recomputes an interrupted unit bit for bit and skips finished ones.
+Work runs in rounds: the next few slots of every class, all their candidates, cut into
+batches of whole kappa-groups. Everything a batch does depends only on its seeds and on the
+class memory before the round, so a resumed run recomputes an interrupted batch bit for bit
+and skips finished ones. The memory is updated after each round (the papers'
+code adds each image as it is made; batching trades that for throughput).
 """
 from __future__ import annotations
 
@@ -165,11 +167,10 @@ class Finished:
 class Distiller:
     """One distillation run into a run directory (see lgd/rundir.py for the layout).
 
-    Work runs in rounds: round r holds the r-th unit (a few slots with all their candidates)
-    of every class. Units of one round are independent (the deviation memory is per class),
-    so they are split over the processes; results are gathered, the main process writes
-    them, and every rank rebuilds the class memory from the written latents. A unit always
-    runs as the same batch, so the distilled set does not depend on the process count.
+    Rounds are split over the processes batch by batch; results are gathered, the main
+    process writes them, and every rank rebuilds the class memory from the written latents.
+    Batches are cut the same way for any process count, so the distilled set does not depend
+    on it.
     """
 
     def __init__(self, config: Config, run: str | Path, progress: bool = True):
@@ -248,23 +249,32 @@ class Distiller:
         slots: range,
         memory: ClassMemory,
         tag: str,
-        make_guidance: Callable[[int], Guidance | None],
+        make_guidance: Callable[[list[int]], Guidance | None],
         kappa: int = 1,
         score: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
     ) -> None:
-        """Fill `slots` of every class at `stage` under `root`, round by round; finished units are skipped."""
-        per_unit = max(1, self.config.sampling.batch_size // kappa)
-        chunks = [list(slots[s : s + per_unit]) for s in range(0, len(slots), per_unit)]
+        """Fill `slots` of every class at `stage` under `root`, round by round.
+
+        A round takes the next few slots of every class; its candidates, in (class, slot,
+        candidate) order, are cut into batches of whole kappa-groups, which the processes share.
+        Finished batches are skipped, so a rerun resumes where a run stopped.
+        """
+        per_class = max(1, self.config.sampling.batch_size // kappa)
+        per_batch = per_class * kappa
+        rounds = [list(slots[s : s + per_class]) for s in range(0, len(slots), per_class)]
         bar = tqdm(total=len(slots) * self.num_classes, desc=f"{root.name} stage {stage}", unit="img",
                    disable=not self.progress)
-        for chunk in chunks:
-            todo = [c for c in range(self.num_classes)
-                    if not all((root / record_name(stage, c, s)).exists() for s in chunk)]
-            mine = todo[self.runtime.rank :: self.runtime.world]
-            done = [item for c in mine
-                    for item in self.generate_unit(stage, c, chunk, tag, make_guidance, kappa, score)]
+        for chunk in rounds:
+            # Batches are cut from all the round's jobs, finished or not, so a resumed run
+            # recomputes an unfinished batch exactly as the first run composed it.
+            jobs = [(c, slot, cand) for c in range(self.num_classes) for slot in chunk for cand in range(kappa)]
+            batches = [jobs[b : b + per_batch] for b in range(0, len(jobs), per_batch)]
+            batches = [batch for batch in batches
+                       if not all((root / record_name(stage, c, slot)).exists() for c, slot, _ in batch)]
+            done = [item for batch in batches[self.runtime.rank :: self.runtime.world]
+                    for item in self.generate_batch(stage, batch, tag, make_guidance, kappa, score)]
             self.write(root, self.runtime.gather(done))
-            for c in range(self.num_classes):
+            for c in range(self.num_classes):  # every rank: the same memory, read back from the files
                 for s in chunk:
                     memory.add(c, load_file(str(root / latent_name(stage, c, s)))["latent"])
             bar.update(len(chunk) * self.num_classes)
@@ -279,72 +289,72 @@ class Distiller:
                 write_json(root / record_name(f.stage, f.cls, f.slot), f.record)
         self.runtime.barrier()
 
-    def sample_candidates(self, seeds: list[int], cls: int, guidance: Guidance | None) -> tuple[torch.Tensor, set[int]]:
+    def sample_candidates(self, seeds: list[int], classes: list[int], guidance: Guidance | None):
         """Final latents for the seeds, and the rows whose guidance or result was not finite.
         The fast engine denoises them as one batch; the reference engine one at a time."""
-        batches = [seeds] if self.config.sampling.engine == "fast" else [[s] for s in seeds]
-        latents, failed, offset = [], set(), 0
-        for batch in batches:
-            labels = torch.full((len(batch),), self.dit_classes[cls], device=self.device)
-            targets = torch.full((len(batch),), cls, device=self.device)
+        rows = [list(range(len(seeds)))] if self.config.sampling.engine == "fast" else [[r] for r in range(len(seeds))]
+        latents, failed = [], set()
+        for batch in rows:
+            targets = torch.tensor([classes[r] for r in batch], device=self.device)
+            labels = torch.tensor([self.dit_classes[classes[r]] for r in batch], device=self.device)
+            noise = NoiseStream([seeds[r] for r in batch], self.device)
             with torch.no_grad():
-                latents.append(self.generator.sampler.sample(labels, NoiseStream(batch, self.device), guidance,
-                                                             targets=targets))
+                latents.append(self.generator.sampler.sample(labels, noise, guidance, targets=targets))
             if guidance is not None:
-                failed |= {offset + r for r in guidance.nonfinite.pop_failed()}
-            offset += len(batch)
+                failed |= {batch[r] for r in guidance.nonfinite.pop_failed()}
         latents = torch.cat(latents)
         failed |= set((~torch.isfinite(latents.flatten(1)).all(dim=1)).nonzero().squeeze(1).tolist())
         return latents, failed
 
-    def generate_unit(self, stage, cls, unit, tag, make_guidance, kappa, score) -> list[Finished]:
-        """kappa candidates for each slot of `unit`, NaN/inf candidates redrawn, the top S kept."""
+    def generate_batch(self, stage, jobs, tag, make_guidance, kappa, score) -> list[Finished]:
+        """Sample the (class, slot, candidate) jobs, redraw NaN/inf candidates, keep each group's top S."""
         seed = self.config.seed
-        keys = [(slot, cand) for slot in unit for cand in range(kappa)]
-        seeds = [derive_seed(seed, tag, stage, cls, slot, cand, 0) for slot, cand in keys]
-        guidance = make_guidance(cls)
-        latents, failed = self.sample_candidates(seeds, cls, guidance)
+        classes = [c for c, _, _ in jobs]
+        seeds = [derive_seed(seed, tag, stage, *job, 0) for job in jobs]
+        guidance = make_guidance(sorted(set(classes)))
+        latents, failed = self.sample_candidates(seeds, classes, guidance)
         for attempt in range(1, MAX_REDRAWS + 1):
             if not failed:
                 break
             rows = sorted(failed)
-            log.warning("redrawing %d candidate(s) of class %d (attempt %d)", len(rows), cls, attempt)
+            log.warning("stage %d: redrawing %d non-finite candidate(s) (attempt %d)", stage, len(rows), attempt)
             for r in rows:
-                seeds[r] = derive_seed(seed, tag, stage, cls, *keys[r], attempt)
-            redrawn, bad = self.sample_candidates([seeds[r] for r in rows], cls, guidance)
+                seeds[r] = derive_seed(seed, tag, stage, *jobs[r], attempt)
+            redrawn, bad = self.sample_candidates([seeds[r] for r in rows], [classes[r] for r in rows], guidance)
             latents[rows] = redrawn
             failed = {rows[b] for b in bad}
         if failed:
-            raise LgdError(f"class {cls}, stage {stage}: candidates kept producing NaN/inf after {MAX_REDRAWS} redraws")
+            raise LgdError(f"stage {stage}: candidates kept producing NaN/inf after {MAX_REDRAWS} redraws")
 
-        labels = torch.full((len(seeds),), cls, device=self.device)
+        targets = torch.tensor(classes, device=self.device)
         with torch.no_grad():
             images = self.generator.codec.decode(latents).clamp(0, 1)
         if score is not None:
-            s_all, ce_s, ce_r = score(images, labels)
+            s_all, ce_s, ce_r = score(images, targets)
             winners = top1_per_group(s_all, kappa).tolist()
         else:
-            winners = list(range(0, len(seeds), kappa))
+            winners = list(range(0, len(jobs), kappa))
         finished = []
-        for slot, w in zip(unit, winners):
+        for w in winners:
+            cls, slot, cand = jobs[w]
             record = {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
-                      "seed": seeds[w], "candidate": w % kappa, "kind": tag}
+                      "seed": seeds[w], "candidate": cand, "kind": tag}
             if score is not None:
-                group = slice(w - w % kappa, w - w % kappa + kappa)
+                group = slice(w - cand, w - cand + kappa)
                 record.update(S=s_all[w].item(), ce_student=ce_s[w].item(), ce_reference=ce_r[w].item(),
                               candidate_S=s_all[group].tolist())
             finished.append(Finished(stage, cls, slot, images[w].cpu(), latents[w].cpu(), record))
         return finished
 
     # --- the three seed methods and LGD --------------------------------------------------
-    def influence_guidance(self, memory: ClassMemory) -> Callable[[int], InfluenceGuidance]:
+    def influence_guidance(self, memory: ClassMemory) -> Callable[[list[int]], InfluenceGuidance]:
         loss = self.influence_loss()
         g = self.config.igd
         reference = self.config.sampling.engine == "reference"
-        return lambda cls: InfluenceGuidance(
+        return lambda classes: InfluenceGuidance(
             codec=self.generator.codec, loss=loss, alphas_cumprod=self.generator.alphas_cumprod,
             k=g.k, rho_scale=g.rho_scale, window=g.window,
-            deviation=Deviation(memory, g.gamma, self.device, classes=[cls]),
+            deviation=Deviation(memory, g.gamma, self.device, classes=classes),
             classifier_size=self.classifier_size, reference=reference)
 
     def influence_loss(self) -> InfluenceLoss:
@@ -409,7 +419,7 @@ class Distiller:
         if method == "random":
             self.write_real(root, 1, slots, memory)
         elif method == "dit":
-            self.generate(root, 1, slots, memory, "dit", lambda cls: None)
+            self.generate(root, 1, slots, memory, "dit", lambda classes: None)
         else:
             self.generate(root, 1, slots, memory, "igd", self.influence_guidance(memory))
 
@@ -426,11 +436,11 @@ class Distiller:
                 x = to_classifier_input(images, self.classifier_size)
                 return learnability(student, reference, x, labels, c.lgd.omega, fused)
 
-        make = lambda cls: LearnabilityGuidance(
+        make = lambda classes: LearnabilityGuidance(
             codec=self.generator.codec, student=student, reference=reference,
             alphas_cumprod=self.generator.alphas_cumprod, omega=c.lgd.omega, lam=c.lgd.lam,
             rho_scale=c.lgd.rho_scale, window=c.lgd.window,
-            deviation=Deviation(memory, c.lgd.gamma, self.device, classes=[cls]),
+            deviation=Deviation(memory, c.lgd.gamma, self.device, classes=classes),
             classifier_size=self.classifier_size, fused=fused)
         self.generate(self.run, stage, range((stage - 1) * inc, stage * inc), memory, "lgd", make, c.lgd.kappa, score)
 

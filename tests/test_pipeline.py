@@ -82,7 +82,7 @@ def test_resumed_after_kill_equals_uninterrupted(tiny_models, tmp_path):
 
     process = subprocess.Popen([*command, "--out", str(broken), *overrides], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while len(list((broken / "records" / "02").glob("*.json"))) < 5 and time.time() < deadline:
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
