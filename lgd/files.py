@@ -15,19 +15,25 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lgd.errors import LgdError
+
 
 @contextmanager
 def atomic_path(target: str | Path):
-    """Yield a temporary path in the target's folder; move it onto the target on success."""
+    """Yield a temporary path in the target's folder; move it onto the target on success.
+    A failed write (full disk, no permission) leaves no file and raises one clear LgdError."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         os.replace(tmp, target)
+    except OSError as exc:
+        raise LgdError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
