@@ -29,6 +29,7 @@ def atomic_path(target: str | Path):
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         os.close(fd)
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared
         os.replace(tmp, target)
     except OSError as exc:
         raise LgdError(f"cannot write {target}: {exc.strerror or exc}") from None
