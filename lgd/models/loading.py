@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lgd.errors import CheckpointError, ConfigError
+from lgd.files import atomic_path
 from lgd.models.dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed_2d
 
 _METADATA_KEY = "lgd_dit_config"
@@ -46,18 +46,12 @@ _DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def save_dit(model: DiT, path: str | os.PathLike) -> None:
-    """Write weights + config to one safetensors file; atomic (temp file, then os.replace)."""
+    """Write weights + config to one safetensors file, atomically."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", _METADATA_KEY: json.dumps(dataclasses.asdict(model.config))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_dit(
