@@ -40,6 +40,7 @@ from lgd.evaluation.protocol import (
     images_per_class,
     load_image_sets,
     materialise,
+    width_override,
 )
 from lgd.files import atomic_path, read_json, write_json
 from lgd.rundir import SyntheticSet
