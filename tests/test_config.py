@@ -6,8 +6,8 @@ from lgd.errors import ConfigError
 
 
 def test_presets_load_and_overrides_apply():
-    demo = load_config("demo", ["stages.ipc=20", "lgd.window=[5, 40]", "sampling.cfg_channels=3"])
-    assert demo.stages.ipc == 20 and demo.lgd.window == (5, 40) and demo.sampling.cfg_channels == 3
+    demo = load_config("demo", ["stages.ipc=20", "lgd.window=[5, 20]", "sampling.cfg_channels=3"])
+    assert demo.stages.ipc == 20 and demo.lgd.window == (5, 20) and demo.sampling.cfg_channels == 3
     assert demo.lgd.stage_model.network == "convnet3"
     assert isinstance(demo.to_dict()["lgd"]["window"], list)
     for preset in ("nette", "woof"):
