@@ -249,7 +249,7 @@ def sampling_run(scn: Scenario, kind: str, provider: str, images: int, steps: in
     seeds = list(range(1000, 1000 + images))
 
     def run() -> None:
-        Distiller.sample_candidates(unit, seeds, CLASS, guidance)
+        Distiller.sample_candidates(unit, seeds, [CLASS] * len(seeds), guidance)
 
     return run
 
