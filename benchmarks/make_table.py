@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from one or more pytest-benchmark JSON files.
 
-    /work/venv/bin/python benchmarks/make_table.py bench.json [more.json ...] [-o BENCHMARKS.md]
+    python benchmarks/make_table.py bench.json [more.json ...] [-o BENCHMARKS.md]
 
 Sections: machine and versions; the fp32 matmul ceiling; per benchmark group a table of
 images/s, the fast/reference ratio, FLOP/s and % of the ceiling; peak memory; the top ops of
