@@ -264,10 +264,9 @@ def _check_window(window: tuple[int, int], steps: int, where: str) -> None:
 def validate(config: Config) -> None:
     """Reject every bad value or combination before any work starts (paths are checked too)."""
     s = config.sampling
-    _check(2 <= s.steps <= 1000, f"sampling.steps must be in 2..1000, got {s.steps}")
-    _check(1.0 <= s.cfg_scale <= 50.0, f"sampling.cfg_scale must be in [1, 50], got {s.cfg_scale}")
-    _check(s.method in ("ddpm", "ddim"), f"sampling.method must be ddpm or ddim, got {s.method!r}")
-    _check(0 <= s.eta <= 1, f"sampling.eta must be in [0, 1], got {s.eta}")
+    from lgd.sampling import SamplerSettings
+
+    SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta).validate()
     _check(s.batch_size >= 1, "sampling.batch_size must be at least 1")
     _check(s.engine in ("fast", "reference"), f"sampling.engine must be fast or reference, got {s.engine!r}")
     from lgd.acceleration import PRECISIONS

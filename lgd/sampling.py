@@ -25,16 +25,17 @@ class SamplerSettings:
     eta: float = 0.0  # DDIM only
 
     def validate(self) -> None:
+        """The one definition of valid sampling settings (the config and `lgd sample` use it)."""
         if not 2 <= self.steps <= 1000:
-            raise ConfigError(f"sampling steps must be in 2..1000, got {self.steps}")
+            raise ConfigError(f"sampling.steps must be in 2..1000, got {self.steps}")
         if not 1.0 <= self.cfg_scale <= 50.0:
-            raise ConfigError(f"cfg_scale must be in [1, 50], got {self.cfg_scale}")
+            raise ConfigError(f"sampling.cfg_scale must be in [1, 50], got {self.cfg_scale}")
         if self.method not in ("ddpm", "ddim"):
-            raise ConfigError(f"sampling method must be 'ddpm' or 'ddim', got {self.method!r}")
+            raise ConfigError(f"sampling.method must be ddpm or ddim, got {self.method!r}")
         if not 0.0 <= self.eta <= 1.0:
-            raise ConfigError(f"DDIM eta must be in [0, 1], got {self.eta}")
+            raise ConfigError(f"sampling.eta must be in [0, 1], got {self.eta}")
         if self.cfg_channels is not None and self.cfg_channels < 1:
-            raise ConfigError(f"cfg_channels must be positive or null, got {self.cfg_channels}")
+            raise ConfigError(f"sampling.cfg_channels must be positive or null, got {self.cfg_channels}")
 
 
 class Guidance(Protocol):
