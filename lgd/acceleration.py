@@ -15,6 +15,9 @@ multiplies the eps error by up to 1/sqrt(abar) (~160 at t = 999).
 
 Compile covers the DiT's `forward` / `forward_with_cfg` and the VAE decoder with
 fullgraph=True; the guidance classifiers (the double-backward region) stay eager.
+
+On CUDA with Triton the VAE decoder's GroupNorm+SiLU pairs are swapped for the fused kernel
+(`lgd.kernels.group_norm_silu`); elsewhere the decoder is left as it is.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import torch
 from torch import nn
 
 from lgd.errors import ConfigError
-from lgd.models.vae import LatentCodec
+from lgd.kernels._common import HAS_TRITON
+from lgd.models.vae import LatentCodec, fuse_group_norm_silu
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +101,8 @@ def apply_speedups(
             setattr(dit, name, fn)
 
     if isinstance(codec, LatentCodec):
+        if device.type == "cuda" and HAS_TRITON:
+            fuse_group_norm_silu(codec.vae.decoder)
         if compile:
             decoder = codec.vae.decoder
             decoder.forward = torch.compile(decoder.forward, fullgraph=True, options=_DECODER_INDUCTOR_OPTIONS)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from lgd.kernels import adaln_norm, learnability as lrn
+from lgd.kernels import adaln_norm, group_norm_silu as gns, learnability as lrn
 from lgd.kernels._common import HAS_TRITON, KernelInputError
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
@@ -182,12 +182,108 @@ def test_learnability_triton_rejects_bad_inputs(kwargs, match):
         lrn.learnability_triton(args["student"], args["reference"], args["labels"], OMEGA, args["kappa"])
 
 
+# ---------------------------------------------------------------- GroupNorm + SiLU
+
+GNS_CASES = [  # (shape, groups, block): the loops over a group and over a channel run several times
+    ((2, 8, 5, 5), 4, 16),
+    ((1, 6, 3, 7), 3, 8),
+    ((3, 12, 4, 4), 12, 16),  # one channel per group (the classifiers' instance norm)
+    ((2, 4, 10), 2, 32),  # [B, C, L]
+]
+
+
+def _gns_inputs(shape, dtype, affine=True):
+    C = shape[1]
+    x = torch.randn(shape) * 2 + 0.7
+    weight = torch.randn(C) * 0.5 + 1 if affine else None
+    bias = torch.randn(C) * 0.5 if affine else None
+    dy = torch.randn(shape)
+    return x.to(dtype), None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype), dy
+
+
+def _gns_run(fn, x, weight, bias, dy):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    y = fn(*leaves)
+    return (y, *torch.autograd.grad(y, leaves, dy.to(y.dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups,block", GNS_CASES)
+def test_group_norm_silu_triton_matches_reference(shape, groups, block, dtype):
+    x, w, b, dy = _gns_inputs(shape, dtype)
+    fast = _gns_run(lambda x, w, b: gns.group_norm_silu_triton(x, groups, w, b, block=block), x, w, b, dy)
+    ref = _gns_run(lambda x, w, b: gns.group_norm_silu_reference(x, groups, w, b), x.float(), w.float(), b.float(), dy)
+    low = _gns_run(lambda x, w, b: gns.group_norm_silu_reference(x, groups, w, b, upcast=False), x, w, b, dy)
+    for name, f, r, lo in zip(("y", "dx", "dweight", "dbias"), fast, ref, low):
+        assert f.dtype == dtype and f.shape == r.shape
+        assert_matches(f, r, lo, dtype, atol=1e-4, name=name)
+
+
+def test_group_norm_silu_triton_without_affine():
+    x, _, _, dy = _gns_inputs((2, 6, 3, 3), torch.float32, affine=False)
+    fast = _gns_run(lambda x: gns.group_norm_silu_triton(x, 3, block=8), x, None, None, dy)
+    ref = _gns_run(lambda x: gns.group_norm_silu_reference(x, 3, None, None), x, None, None, dy)
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_silu_triton_refuses_double_backward():
+    x = torch.randn(1, 4, 3, 3, requires_grad=True)
+    y = gns.group_norm_silu_triton(x, 2, block=8)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
+
+
+def test_group_norm_silu_rejects_bad_inputs():
+    with pytest.raises(KernelInputError, match="do not split into 3 groups"):
+        gns.group_norm_silu(torch.randn(1, 4, 2, 2), 3)
+    with pytest.raises(KernelInputError, match=r"weight must be \[C\]"):
+        gns.group_norm_silu(torch.randn(1, 4, 2, 2), 2, torch.ones(3), torch.zeros(4))
+
+
+def _tiny_decoder():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1)
+    return vae.decoder.eval().requires_grad_(False)
+
+
+def test_fused_decoder_matches_plain_decoder(monkeypatch):
+    """The decoder with its GroupNorm+SiLU pairs fused gives the plain decoder's output and
+    input gradient, through the reference dispatch (CPU) and the Triton kernels (interpreter)."""
+    from lgd.models.vae import fuse_group_norm_silu
+
+    plain, fused = _tiny_decoder(), _tiny_decoder()
+    keys = list(fused.state_dict())
+    assert fuse_group_norm_silu(fused) == 2 * (2 + 2 * 2) + 1  # 2 mid + 2 x 2 up ResNet blocks; the head
+    assert list(fused.state_dict()) == keys
+    z = torch.randn(2, 4, 4, 4)
+    dy = torch.randn(2, 3, 8, 8)
+
+    def run(decoder):
+        leaf = z.clone().requires_grad_(True)
+        out = decoder(leaf)
+        return out, torch.autograd.grad(out, leaf, dy)[0]
+
+    want = run(plain)
+    for route in ("reference", "triton"):
+        monkeypatch.setattr(gns, "use_triton", lambda t, r=route: r == "triton")
+        got = run(fused)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=route)
+
+
 TRACE_SCRIPT = """
 import logging, torch
 from torch._dynamo.backends.common import aot_autograd
 from torch.fx.experimental.proxy_tensor import make_fx
 from lgd.kernels.adaln_norm import adaln_modulate_triton
 from lgd.kernels.learnability import learnability_triton
+from lgd.kernels.group_norm_silu import group_norm_silu_triton
 logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
 
 def adaln(x, shift, scale):
@@ -201,6 +297,10 @@ def score(s, r, y):
 leaf = lambda *shape: torch.randn(*shape, requires_grad=True)
 print(make_fx(adaln, tracing_mode="fake")(leaf(2, 5, 24), leaf(2, 24), leaf(2, 24)).code)
 logits = torch.randn(8, 10)
+def gns(x, w, b):
+    y = group_norm_silu_triton(x, 2, w, b, block=8)
+    return torch.autograd.grad(y.sum(), (x, w, b))
+print(make_fx(gns, tracing_mode="fake")(leaf(2, 4, 3, 3), leaf(4), leaf(4)).code)
 print(make_fx(score, tracing_mode="fake")(logits, logits, torch.randint(0, 10, (8,))).code)
 
 class Captured(Exception):
@@ -226,5 +326,6 @@ def test_triton_ops_trace_for_torch_compile():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for op in ("lgd.adaln_modulate_fwd", "lgd.adaln_modulate_bwd", "lgd.learnability_triton",
+               "lgd.group_norm_silu_fwd", "lgd.group_norm_silu_bwd",
                "triton_kernel_wrapper_functional"):
         assert op in proc.stdout, f"{op} missing from the traced graphs:\n{proc.stdout}"

@@ -99,3 +99,33 @@ def load_vae(path: str | Path, *, scale: float | None = None, device="cpu", dtyp
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"could not load the VAE weights in {folder}: {exc}") from None
     return LatentCodec(vae.to(device), scale=scale)
+
+
+def fuse_group_norm_silu(decoder: nn.Module) -> int:
+    """Swap each GroupNorm that is always followed by SiLU in a diffusers VAE decoder for the
+    fused `GroupNormSiLU` (and the SiLU for an identity). Returns the number of norms fused.
+
+    Covers the ResNet blocks without a time embedding (their `nonlinearity` then follows only
+    norm1 and norm2) and the decoder's output head (conv_norm_out -> conv_act). Parameters and
+    state_dict keys are unchanged; attention-block GroupNorms (no SiLU after) are left alone.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from lgd.kernels.group_norm_silu import GroupNormSiLU
+
+    def plain_gn(m):
+        return type(m) is nn.GroupNorm
+
+    fused = 0
+    for block in decoder.modules():
+        if (isinstance(block, ResnetBlock2D) and block.time_emb_proj is None
+                and type(block.nonlinearity) is nn.SiLU and plain_gn(block.norm1) and plain_gn(block.norm2)):
+            block.norm1 = GroupNormSiLU.from_group_norm(block.norm1)
+            block.norm2 = GroupNormSiLU.from_group_norm(block.norm2)
+            block.nonlinearity = nn.Identity()
+            fused += 2
+    if plain_gn(getattr(decoder, "conv_norm_out", None)) and type(getattr(decoder, "conv_act", None)) is nn.SiLU:
+        decoder.conv_norm_out = GroupNormSiLU.from_group_norm(decoder.conv_norm_out)
+        decoder.conv_act = nn.Identity()
+        fused += 1
+    return fused
