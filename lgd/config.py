@@ -127,6 +127,12 @@ class Config:
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """A (possibly partial) config dict; missing fields take their defaults, unknown keys
+        are refused. Not validated: call `validate` for that."""
+        return _build(cls, data, "")
+
 
 PRESETS = ("demo", "nette", "woof")
 

@@ -118,7 +118,10 @@ def claim_run_dir(run: Path, config: Config) -> None:
     wanted = config.to_dict()
     path = run / "config.yaml"
     if path.exists():
-        found = read_config_file(run)
+        try:  # fields added to Config since the run started take their defaults
+            found = Config.from_dict(read_config_file(run)).to_dict()
+        except ConfigError as exc:
+            raise ConfigError(f"{path} does not fit this version of lgd: {exc}") from None
         if found != wanted:
             diff = sorted(_diff(found, wanted))
             raise ConfigError(f"{run} was started with a different config ({', '.join(diff[:5])}); "

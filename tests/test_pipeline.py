@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lgd.config import load_config
-from lgd.pipeline import Distiller
+from lgd.errors import ConfigError
+from lgd.pipeline import Distiller, claim_run_dir
 from lgd.rundir import finished_records, load_synthetic
 from tests.helpers import tiny_dit_file, tiny_vae_folder
 
@@ -70,6 +71,25 @@ def test_run_layout_records_and_rank_selection(tiny_models, tmp_path):
     assert (run / "models/reference.safetensors").exists() and (run / "models/stage_02.safetensors").exists()
     assert len(finished_records(run / "baselines/dit")) == 40
     assert (run / "done.json").exists()
+
+
+def test_resume_fills_fields_added_since_the_run_started(tmp_path):
+    """A run directory written before a config field existed resumes with that field's default;
+    a real difference or a key this version does not know is refused with a clear message."""
+    import yaml
+
+    config = load_config("demo")
+    claim_run_dir(tmp_path, config)
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del stored["sampling"]["precision"], stored["lgd"]["rho_scale"]  # as if written by an older lgd
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    claim_run_dir(tmp_path, config)  # no error
+    with pytest.raises(ConfigError, match=r"different config \(stages.ipc\)"):
+        claim_run_dir(tmp_path, load_config("demo", ["stages.ipc=20"]))
+    stored["sampling"]["old_knob"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match="does not fit this version.*unknown config key.*sampling.old_knob"):
+        claim_run_dir(tmp_path, config)
 
 
 def test_resumed_after_kill_equals_uninterrupted(tiny_models, tmp_path):
