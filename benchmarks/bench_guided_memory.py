@@ -13,7 +13,7 @@ recorded is that of a profiled run: use bench_guided_step.py for speed.
 import pytest
 
 from _measure import environment, memory_and_profile
-from _scenarios import KINDS, PROVIDERS, STEP_INDEX, step_run
+from _scenarios import KINDS, PROVIDERS, step_run
 
 FAST_BATCH = {"demo": 30, "dit-b2": 2}
 WARM_UP = {"demo": True, "dit-b2": False}
@@ -31,7 +31,7 @@ def test_guided_step_memory(benchmark, scenarios, config, kind, provider):
     benchmark.group = f"guided step memory | {config}"
     benchmark.extra_info.update(
         kernel="guided_step_memory", path=kind, provider=provider, images=images, batch=images,
-        step_index=STEP_INDEX, **scn.info(), **environment(),
+        step_index=scn.step_index, **scn.info(), **environment(),
     )
     result = {}
     benchmark.pedantic(lambda: result.update(memory_and_profile(run)), rounds=1, iterations=1, warmup_rounds=0)

@@ -16,7 +16,7 @@ microseconds against 0.1-1 s ops) and there is no warm-up.
 import pytest
 
 from _measure import count_flops, environment
-from _scenarios import KINDS, PROVIDERS, STEP_INDEX, step_run
+from _scenarios import KINDS, PROVIDERS, step_run
 
 # config -> fast batch, reference images per call, timed rounds, separate warm-up call
 PLAN = {
@@ -36,7 +36,7 @@ def test_guided_step(benchmark, scenarios, config, kind, provider):
     benchmark.group = f"guided step | {config} | {kind.upper()}"
     benchmark.extra_info.update(
         kernel="guided_step", path=kind, provider=provider, images=images,
-        batch=images if provider == "fast" else 1, step_index=STEP_INDEX, warm_up=plan["warm_up"],
+        batch=images if provider == "fast" else 1, step_index=scn.step_index, warm_up=plan["warm_up"],
         **scn.info(), **environment(),
     )
     if plan["warm_up"]:

@@ -11,7 +11,7 @@ from the nette preset. The timed call is the counting itself and means nothing.
 import torch
 
 from _measure import count_flops, environment
-from _scenarios import CLASS, NUM_CLASSES, STEP_INDEX
+from _scenarios import CLASS, NUM_CLASSES, step_index
 
 from lgd.classifiers import build_classifier
 from lgd.config import Config, read_preset
@@ -79,7 +79,7 @@ def count_all(nette: dict) -> dict:
         window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0), classifier_size=size)
     x = torch.zeros(1, 4, 32, 32, device=META)
     y = torch.full((1,), CLASS, device=META)
-    step = lambda guidance: lambda: sampler.step(x, STEP_INDEX, y, MetaNoise(), guidance, y)
+    step = lambda guidance: lambda: sampler.step(x, step_index(nette["steps"]), y, MetaNoise(), guidance, y)
     t = torch.zeros(1, device=META)
 
     def score():

@@ -164,7 +164,8 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
     if not steps:
         return []
     lines = ["## One guided step", "",
-             "One reverse step inside the guidance window (respaced index 40 of 50): CFG forward of the "
+             "One reverse step inside both guidance windows (respaced index 0.8 N of N: 40 of 50 at DiT-B/2, "
+             "20 of 25 at the demo preset): CFG forward of the "
              "DiT, DDPM step, VAE decode of the Tweedie estimate, classifiers, backward to x_t, deviation "
              "guidance. fast = all candidates as one batch (fused learnability op / batched vmap influence "
              "loss); reference = one image at a time (plain learnability / one backward per surrogate "
