@@ -27,6 +27,7 @@ from torch import nn
 
 from lgd.classifiers import build_classifier
 from lgd.config import Config, load_config
+from lgd.evaluation.protocol import width_override
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
 from lgd.models import DiT, create_dit
 from lgd.models.vae import IdentityCodec, LatentCodec
@@ -102,10 +103,14 @@ class Scenario:
             "image": [self.codec.image_channels] + [d.input_size * self.codec.downsample] * 2,
             "dit": {"hidden": d.hidden_size, "depth": d.depth, "heads": d.num_heads, "patch": d.patch_size,
                     "tokens": d.grid_size ** 2, "params": sum(p.numel() for p in self.dit.parameters())},
-            "classifiers": f"{self.config.lgd.stage_model.network} @ {self.classifier_size} px",
-            "surrogate": f"{self.config.igd.surrogate.network}, E={len(self.influence.checkpoints)} checkpoints",
+            "classifiers": f"{_network(self.config.lgd.stage_model)} @ {self.classifier_size} px",
+            "surrogate": f"{_network(self.config.igd.surrogate)}, E={len(self.influence.checkpoints)} checkpoints",
             "kappa": self.config.lgd.kappa, "cfg_scale": self.config.sampling.cfg_scale,
         }
+
+
+def _network(section) -> str:
+    return section.network + ("" if section.width is None else f" width {section.width}")
 
 
 def scaled_window(window: tuple[int, int], steps: int, new_steps: int | None) -> tuple[int, int]:
@@ -141,9 +146,11 @@ def _wake(dit: DiT, seed: int) -> DiT:
 
 def _classifiers(config: Config, channels: int, size: int, seed: int):
     torch.manual_seed(seed)
-    student = _frozen(build_classifier(config.lgd.stage_model.network, channels, NUM_CLASSES, size))
-    reference = _frozen(build_classifier(config.lgd.reference_model.network, channels, NUM_CLASSES, size))
-    surrogate = _frozen(build_classifier(config.igd.surrogate.network, channels, NUM_CLASSES, size))
+    def build(section):  # the network and width the config trains
+        return _frozen(build_classifier(section.network, channels, NUM_CLASSES, size, **width_override(section)))
+
+    student, reference = build(config.lgd.stage_model), build(config.lgd.reference_model)
+    surrogate = build(config.igd.surrogate)
     gen = torch.Generator().manual_seed(seed)
     base = {k: v.detach() for k, v in surrogate.named_parameters()}
     checkpoints = [{k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}

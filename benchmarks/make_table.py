@@ -97,8 +97,9 @@ def machine_section(runs: list[dict], benchmarks: list[dict]) -> list[str]:
     lines.append(f"- CPU: {first.get('cpu') or cpu.get('brand_raw', '?')}, {cores} cores"
                  + (f" at {hz / 1e9:.2f} GHz" if hz else "") + f", {m.get('system', '')} {m.get('release', '')}")
     if hz and cores:
-        lines.append(f"- Nominal fp32 peak {cores * hz * 32 / 1e9:.0f} GFLOP/s (cores x clock x 32 FLOP/cycle: "
-                     "two 256-bit FMA pipes per core, AVX2, no AVX-512)")
+        lines.append(f"- Nominal fp32 peak {cores * hz * 32 / 1e9:.0f} GFLOP/s at the listed clock (cores x clock x "
+                     "32 FLOP/cycle: two 256-bit FMA pipes per core, AVX2, no AVX-512); boost clocks run higher, "
+                     "so the measured matmul rate below can exceed it")
     counts = " and ".join(str(t) for t in sorted({i["threads"] for i in info})) or "?"
     lines.append(f"- Threads: {counts} intra-op (torch.set_num_threads; LGD_BENCH_THREADS), "
                  f"{first.get('interop_threads', '?')} inter-op; fp32 everywhere; learnability op: "
@@ -210,9 +211,9 @@ def sampling_section(benchmarks: list[dict]) -> list[str]:
     if not runs:
         return []
     lines = ["## Whole guided sampling of one unit", "",
-             "`Distiller.sample_candidates` (the pipeline's unit sampler) on a short respaced schedule (the "
-             "50-step one takes minutes per unit here) with the guidance window at the same fraction of it. "
-             "One timed round.", ""]
+             "`Distiller.sample_candidates` (the pipeline's unit sampler). The demo runs its preset's whole "
+             "25-step schedule; DiT-B/2 a short respaced schedule (the 50-step one takes minutes per unit "
+             "here) with the guidance window at the same fraction of it. One timed round.", ""]
     header = ["provider", "batch", "images/call", "steps", "guided steps", "window", "s/call",
               "images/s", "fast/ref"]
     for name, group in grouped(runs).items():
