@@ -142,15 +142,16 @@ def _diff(a, b, prefix=""):
 
 
 def dit_class_map(dataset, dit_classes: int) -> list[int]:
-    """The DiT label of each dataset class: the same index, or the ImageNet-1K index of its
-    WordNet id when a 1000-class DiT generates an ImageNet subset (ImageNette, ImageWoof)."""
+    """The DiT label of each dataset class: the ImageNet-1K index of its WordNet id when a
+    1000-class DiT generates ImageNet classes (ImageNet, ImageNette, ImageWoof, any subset),
+    else the same index."""
     from lgd.data import IMAGENET_INDEX
 
-    if dit_classes == dataset.num_classes:
-        return list(range(dit_classes))
     wnids = getattr(dataset, "class_ids", None)
     if dit_classes == 1000 and wnids and all(w in IMAGENET_INDEX for w in wnids):
         return [IMAGENET_INDEX[w] for w in wnids]
+    if dit_classes == dataset.num_classes:
+        return list(range(dit_classes))
     raise ConfigError(f"the DiT has {dit_classes} classes and the dataset {dataset.num_classes}, and its "
                       "classes are not ImageNet WordNet ids that a 1000-class DiT could generate")
 

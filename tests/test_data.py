@@ -218,6 +218,31 @@ def test_class_lists(wnids):
     assert [IMAGENET_INDEX[w] for w in ranked] == sorted(IMAGENET_INDEX[w] for w in wnids)
 
 
+def test_imagenet_index_is_the_rank_among_all_1000_sorted_wnids():
+    from lgd.data.classes import IMAGENET_WNIDS
+
+    assert len(IMAGENET_WNIDS) == 1000 and list(IMAGENET_WNIDS) == sorted(set(IMAGENET_WNIDS))
+    assert IMAGENET_INDEX["n01440764"] == 0 and IMAGENET_INDEX["n02102040"] == 217  # tench, springer
+    assert IMAGENET_INDEX["n15075141"] == 999  # toilet tissue, the last class
+
+
+def test_dit_class_map():
+    from types import SimpleNamespace
+
+    from lgd.errors import ConfigError
+    from lgd.pipeline import dit_class_map
+
+    folder = lambda wnids: SimpleNamespace(num_classes=len(wnids), class_ids=list(wnids))
+    assert dit_class_map(folder(IMAGEWOOF), 1000) == [193, 182, 258, 162, 155, 167, 159, 273, 207, 229]
+    # Any ImageNet classes, not only the Nette/Woof lists; the full set maps to itself.
+    assert dit_class_map(folder(["n04592741", "n01443537"]), 1000) == [908, 1]  # wing, goldfish
+    from lgd.data.classes import IMAGENET_WNIDS
+    assert dit_class_map(folder(IMAGENET_WNIDS), 1000) == list(range(1000))
+    assert dit_class_map(folder(["a", "b"]), 2) == [0, 1]
+    with pytest.raises(ConfigError, match="not ImageNet WordNet ids"):
+        dit_class_map(folder(["cat", "dog"]), 1000)
+
+
 def test_canonical_orders():
     assert IMAGENETTE[0] == "n01440764" and WNID_NAMES[IMAGENETTE[0]] == "tench"
     assert IMAGEWOOF[0] == "n02096294" and WNID_NAMES[IMAGEWOOF[0]] == "Australian terrier"

@@ -5,6 +5,8 @@ facts taken from that code; nothing is sorted here.
 """
 from __future__ import annotations
 
+from importlib import resources
+
 IMAGENETTE: tuple[str, ...] = (
     "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
     "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
@@ -38,30 +40,13 @@ WNID_NAMES: dict[str, str] = {
     "n02105641": "Old English sheepdog",
 }
 
-# ImageNet-1K class index (rank of the wnid among the 1000 sorted wnids): the label a
-# class-conditional ImageNet model such as DiT expects for each class.
-IMAGENET_INDEX: dict[str, int] = {
-    "n01440764": 0,
-    "n02102040": 217,
-    "n02979186": 482,
-    "n03000684": 491,
-    "n03028079": 497,
-    "n03394916": 566,
-    "n03417042": 569,
-    "n03425413": 571,
-    "n03445777": 574,
-    "n03888257": 701,
-    "n02096294": 193,
-    "n02093754": 182,
-    "n02111889": 258,
-    "n02088364": 162,
-    "n02086240": 155,
-    "n02089973": 167,
-    "n02087394": 159,
-    "n02115641": 273,
-    "n02099601": 207,
-    "n02105641": 229,
-}
+# ImageNet-1K class index: the rank of a wnid among the 1000 sorted ILSVRC-2012 wnids (the
+# label a class-conditional ImageNet model such as DiT expects). The list ships as
+# assets/imagenet_wnids.txt, one wnid per line in index order.
+IMAGENET_WNIDS: tuple[str, ...] = tuple(
+    resources.files("lgd.data").joinpath("assets", "imagenet_wnids.txt").read_text().split()
+)
+IMAGENET_INDEX: dict[str, int] = {wnid: i for i, wnid in enumerate(IMAGENET_WNIDS)}
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
