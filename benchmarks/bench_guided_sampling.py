@@ -3,7 +3,7 @@ time), LGD and IGD, through the pipeline's own `Distiller.sample_candidates`.
 
     pytest benchmarks/bench_guided_sampling.py --benchmark-only -q
 
-The demo runs the demo preset's whole 25-step schedule with the batch the preset uses. At
+The demo runs the demo preset's whole 25-step schedule with the batches a demo run makes. At
 DiT-B/2 the paper's 50-step schedule takes minutes per unit on this CPU, so the loop runs a
 shorter respaced schedule with the guidance window at the same fraction of it (extra_info
 records steps, window and guided steps, and the originals). One timed round, no warm-up: a
@@ -14,10 +14,11 @@ import pytest
 from _measure import environment
 from _scenarios import KINDS, PROVIDERS, sampling_run, sampling_schedule
 
-# config -> respaced steps, fast batch, reference images per call
+# config -> respaced steps, fast batch, reference images per call. The demo's fast batches are
+# the demo run's own: one round of 10 classes x 1 slot x kappa (3 for LGD, 1 for IGD).
 PLAN = {
-    "demo": {"steps": 25, "fast": 60, "reference": {"lgd": 6, "igd": 3}},
-    "dit-b2": {"steps": 3, "fast": 2, "reference": {"lgd": 1, "igd": 1}},
+    "demo": {"steps": 25, "fast": {"lgd": 30, "igd": 10}, "reference": {"lgd": 6, "igd": 3}},
+    "dit-b2": {"steps": 3, "fast": {"lgd": 2, "igd": 2}, "reference": {"lgd": 1, "igd": 1}},
 }
 
 
@@ -27,7 +28,7 @@ PLAN = {
 def test_guided_sampling(benchmark, scenarios, config, kind, provider):
     scn = scenarios(config)
     plan = PLAN[config]
-    images = plan["fast"] if provider == "fast" else plan["reference"][kind]
+    images = plan["fast" if provider == "fast" else "reference"][kind]
     run = sampling_run(scn, kind, provider, images, plan["steps"])
     benchmark.group = f"guided sampling | {config} | {kind.upper()}"
     benchmark.extra_info.update(

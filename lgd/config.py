@@ -39,6 +39,11 @@ class SamplingSection:
     method: str = "ddpm"
     eta: float = 0.0
     batch_size: int = 32  # candidates denoised together
+    # Slots of every class generated per round. Deviation guidance sees the class memory as it
+    # was before the round, so 1 reproduces the papers' memory (each image sees every earlier
+    # image of its class); larger rounds hold more candidates (to fill many GPUs) but images
+    # of the same round do not see each other. A round is cut into batches of batch_size.
+    round_slots: int = 1
     engine: str = "fast"  # fast (batched) or reference (one image at a time, plain eager fp32)
     compile: bool = False  # torch.compile the DiT and the VAE decoder (fast engine only)
     precision: str = "auto"  # autocast of DiT/VAE: auto (bf16 on GPUs with bf16, else fp32) | fp32 | bf16 | fp16
@@ -274,6 +279,7 @@ def validate(config: Config) -> None:
 
     SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta).validate()
     _check(s.batch_size >= 1, "sampling.batch_size must be at least 1")
+    _check(s.round_slots >= 1, f"sampling.round_slots must be at least 1, got {s.round_slots}")
     _check(s.engine in ("fast", "reference"), f"sampling.engine must be fast or reference, got {s.engine!r}")
     from lgd.acceleration import PRECISIONS
 

@@ -7,11 +7,12 @@
         for each class and new slot: kappa learnability-guided candidates, keep the top S
     plus the evaluation baselines (plain DiT and IGD sets of the full IPC).
 
-Work runs in rounds: the next few slots of every class, all their candidates, cut into
-batches of whole kappa-groups. Everything a batch does depends only on its seeds and on the
-class memory before the round, so a resumed run recomputes an interrupted batch bit for bit
-and skips finished ones. The memory is updated after each round (the papers'
-code adds each image as it is made; batching trades that for throughput).
+Work runs in rounds: the next `sampling.round_slots` slots of every class, all their
+candidates, cut into batches of whole kappa-groups. Everything a batch does depends only on
+its seeds and on the class memory before the round, so a resumed run recomputes an
+interrupted batch bit for bit and skips finished ones. The memory is updated after each
+round; with the default of one slot per round every image sees all earlier images of its
+class, as in the papers' code (which makes one image at a time), while the batch spans classes.
 """
 from __future__ import annotations
 
@@ -259,12 +260,14 @@ class Distiller:
     ) -> None:
         """Fill `slots` of every class at `stage` under `root`, round by round.
 
-        A round takes the next few slots of every class; its candidates, in (class, slot,
-        candidate) order, are cut into batches of whole kappa-groups, which the processes share.
-        Finished batches are skipped, so a rerun resumes where a run stopped.
+        A round takes the next `sampling.round_slots` slots of every class; its candidates, in
+        (class, slot, candidate) order, are cut into batches of whole kappa-groups of at most
+        batch_size candidates (at least one group), which the processes share. The class
+        memory is updated between rounds. Finished batches are skipped, so a rerun resumes
+        where a run stopped.
         """
-        per_class = max(1, self.config.sampling.batch_size // kappa)
-        per_batch = per_class * kappa
+        per_class = self.config.sampling.round_slots
+        per_batch = max(1, self.config.sampling.batch_size // kappa) * kappa
         rounds = [list(slots[s : s + per_class]) for s in range(0, len(slots), per_class)]
         bar = tqdm(total=len(slots) * self.num_classes, desc=f"{root.name} stage {stage}", unit="img",
                    disable=not self.progress)

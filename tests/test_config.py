@@ -47,6 +47,7 @@ def test_yaml_file_with_preset_base(tmp_path):
         ("sampling.cfg_scale=0.5", "sampling.cfg_scale"),
         ("sampling.method=euler", "sampling.method"),
         ("sampling.engine=turbo", "sampling.engine"),
+        ("sampling.round_slots=0", "sampling.round_slots must be at least 1"),
         ("sampling.precision=fp8", "sampling.precision must be one of auto, fp32, bf16, fp16"),
         ("eval.runs=0", "eval.runs"),
         ("eval.baselines=[gan]", "eval.baselines"),

@@ -30,7 +30,7 @@ def tiny_overrides(models, **extra):
     dit, vae = models
     values = {
         "model.dit": str(dit), "model.vae": str(vae), "data.image_size": 8,
-        "sampling.steps": 6, "sampling.cfg_scale": 2.0, "sampling.batch_size": 2,  # 2 rounds per stage
+        "sampling.steps": 6, "sampling.cfg_scale": 2.0, "sampling.batch_size": 2,  # one round per slot: 2 rounds per stage
         "stages.ipc": 4, "stages.increment": 2, "stages.seed": "igd",
         "lgd.kappa": 2, "lgd.window": [1, 4], "lgd.rho_scale": 0.01, "lgd.gamma": 0.5, "igd.gamma": 0.5,
         "lgd.stage_model": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 32},
@@ -71,6 +71,19 @@ def test_run_layout_records_and_rank_selection(tiny_models, tmp_path):
     assert (run / "models/reference.safetensors").exists() and (run / "models/stage_02.safetensors").exists()
     assert len(finished_records(run / "baselines/dit")) == 40
     assert (run / "done.json").exists()
+
+
+def test_each_round_sees_the_images_of_earlier_rounds(tiny_models, tmp_path):
+    """With one slot per round, slot 1 of a class is deviation-guided away from slot 0 (the
+    papers' memory); with both slots in one round, slot 1 sees no memory. Slot 0 is the same."""
+    latents = {}
+    for round_slots in (1, 2):
+        overrides = tiny_overrides(tiny_models, **{"stages.ipc": 2, "eval.baselines": [], "igd.gamma": 5.0,
+                                                   "sampling.round_slots": round_slots})
+        run = Distiller(load_config("demo", overrides), tmp_path / str(round_slots), progress=False).run_all()
+        latents[round_slots] = [load_file(str(run / f"latents/01/0003-0000{s}.safetensors"))["latent"] for s in (0, 1)]
+    torch.testing.assert_close(latents[1][0], latents[2][0], rtol=0, atol=0)
+    assert (latents[1][1] - latents[2][1]).abs().max() > 1e-3
 
 
 def test_resume_fills_fields_added_since_the_run_started(tmp_path):
