@@ -26,6 +26,7 @@ UTILISATION = 0.40  # assumed share of the bf16 peak that the DiT GEMMs and VAE 
 IPC, CLASSES = 100, 10
 GOALS = {"lgd": 5.0, "igd": 10.0}  # fast/reference images/s at the demo config
 CEILING_GOAL = 0.50  # fast guided step FLOP/s / fp32 matmul ceiling at DiT-B/2
+OP_GOAL = 3.0  # the C++ learnability op vs the torch composition at N=3000, C=1000
 
 
 def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
@@ -292,6 +293,12 @@ def goals_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
                     ratio = ips(fast) / ips(ref)
                     rows.append([f"fast {kind.upper()} >= {goal:g}x reference images/s (demo, {what})",
                                  e["threads"], f"{ratio:.2f}x", "yes" if ratio >= goal else "**no**"])
+    ops = {b["extra_info"]["provider"]: b for b in by_kernel(benchmarks, "learnability")}
+    if "cpp" in ops and "torch" in ops:
+        ratio = ops["torch"]["stats"]["median"] / ops["cpp"]["stats"]["median"]
+        e = ops["cpp"]["extra_info"]
+        rows.append([f"learnability op in C++ >= {OP_GOAL:g}x the torch composition (N={e['N']}, C={e['C']})",
+                     e["threads"], f"{ratio:.2f}x", "yes" if ratio >= OP_GOAL else "**no**"])
     for b in by_kernel(benchmarks, "guided_step"):
         e = b["extra_info"]
         top = tops.get(threads(b))

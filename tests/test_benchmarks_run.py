@@ -1,0 +1,21 @@
+"""The benchmark suites still run against the current code (CI does not time them).
+
+Each demo-configuration case of the guided-step, guided-sampling and memory benchmarks runs
+once with timing disabled, in a subprocess (benchmarks/ has its own conftest).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_benchmarks_run():
+    suites = [f"benchmarks/bench_{name}.py" for name in ("guided_step", "guided_sampling", "guided_memory")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *suites, "-k", "demo", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "LGD_BENCH_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-1000:]
