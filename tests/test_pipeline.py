@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lgd.config import load_config
+from lgd.config import Config, load_config
 from lgd.errors import ConfigError
 from lgd.pipeline import Distiller, claim_run_dir
 from lgd.rundir import finished_records, load_synthetic
@@ -84,6 +84,20 @@ def test_each_round_sees_the_images_of_earlier_rounds(tiny_models, tmp_path):
         latents[round_slots] = [load_file(str(run / f"latents/01/0003-0000{s}.safetensors"))["latent"] for s in (0, 1)]
     torch.testing.assert_close(latents[1][0], latents[2][0], rtol=0, atol=0)
     assert (latents[1][1] - latents[2][1]).abs().max() > 1e-3
+
+
+def test_deviation_gamma_too_large_for_the_latents_is_warned(caplog):
+    from lgd.pipeline import warn_deviation_scale
+
+    with caplog.at_level("WARNING", logger="lgd.pipeline"):
+        warn_deviation_scale(load_config("demo"), (4, 8, 8))  # the demo's scaled gammas: quiet
+        warn_deviation_scale(Config(), (4, 32, 32))  # the papers' gammas on their latents
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="lgd.pipeline"):
+        warn_deviation_scale(Config(), (4, 8, 8))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "lgd.gamma = 50 moves x_t by up to 20 %" in messages[0]
+    assert "consider igd.gamma = 7.5" in messages[1]
 
 
 def test_resume_fills_fields_added_since_the_run_started(tmp_path):
