@@ -1,7 +1,7 @@
 """Benchmark-wide set-up: offline hub, thread count, collection of bench_*.py, shared models.
 
-    /work/venv/bin/pytest benchmarks -q --benchmark-only --benchmark-json=bench.json
-    /work/venv/bin/python benchmarks/make_table.py bench.json      # -> BENCHMARKS.md
+    python -m pytest benchmarks -q --benchmark-only --benchmark-json=bench.json
+    python benchmarks/make_table.py bench.json      # -> BENCHMARKS.md
 
 Loaded only when benchmarks/ is on the command line: pyproject's testpaths is tests/, so a
 plain `pytest` from the repo root never collects these files.
