@@ -147,6 +147,33 @@ def test_low_precision_wraps_calls_keeps_fp32_weights_and_outputs_and_applies_on
     assert not vars(identity).get("decode")
 
 
+def test_fp32_guidance_keeps_differentiated_calls_in_fp32_and_the_rest_in_low_precision():
+    plain_dit, plain_codec = tiny_dit(), tiny_codec()
+    low_dit, low_codec = tiny_dit(), tiny_codec()
+    mixed_dit, mixed_codec = tiny_dit(), tiny_codec()
+    apply_speedups(low_dit, low_codec, precision="bf16")
+    apply_speedups(mixed_dit, mixed_codec, precision="bf16", fp32_guidance=True)
+    x, t, y = step_inputs()
+    z = x[:, :, :4, :4]
+
+    def dit_cfg(dit):
+        return lambda x: dit.forward_with_cfg(x, t, y, CFG)
+
+    exact = dict(rtol=0, atol=0)
+    # With grad (a guided step): the fp32 computation itself, values and input gradients.
+    torch.testing.assert_close(input_grad(dit_cfg(mixed_dit), x), input_grad(dit_cfg(plain_dit), x), **exact)
+    torch.testing.assert_close(input_grad(mixed_codec.decode, z), input_grad(plain_codec.decode, z), **exact)
+    with torch.enable_grad():
+        torch.testing.assert_close(mixed_dit.forward_with_cfg(x, t, y, CFG), plain_dit.forward_with_cfg(x, t, y, CFG),
+                                   **exact)
+    # Without grad (unguided steps, final decodes): the low precision, as without the option.
+    with torch.no_grad():
+        mixed, low, plain = (d.forward_with_cfg(x, t, y, CFG) for d in (mixed_dit, low_dit, plain_dit))
+        torch.testing.assert_close(mixed, low, **exact)
+        assert (mixed - plain).abs().max() > 1e-4
+        torch.testing.assert_close(mixed_codec.decode(z), low_codec.decode(z), **exact)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile against eager (fp32: tight)
 
@@ -320,6 +347,8 @@ def test_igd_double_backward_under_fp16_runs_outside_autocast_finite_and_equal_t
 
 def test_config_fields_defaults_values_and_messages():
     assert (load_config("demo").sampling.compile, load_config("demo").sampling.precision) == (False, "auto")
+    assert load_config("demo").sampling.fp32_guidance is False
+    assert load_config("demo", ["sampling.fp32_guidance=true"]).sampling.fp32_guidance is True
     config = load_config("demo", ["sampling.compile=true", "sampling.precision=fp16"])
     assert (config.sampling.compile, config.sampling.precision) == (True, "fp16")
     for precision in PRECISIONS:
@@ -349,6 +378,12 @@ def test_load_generator_applies_the_switches_to_the_fast_engine_only(model_files
     assert fast.sampler.dit is fast.dit
     plain = load_generator(load_config("demo", base + ["sampling.engine=reference"]), torch.device("cpu"))
     assert "forward_with_cfg" not in vars(plain.dit) and "decode" not in vars(plain.codec)
+    mixed = load_generator(load_config("demo", base + ["sampling.precision=bf16", "sampling.fp32_guidance=true"]),
+                           torch.device("cpu"))
+    x, t, y = step_inputs()
+    with torch.enable_grad():  # a guided step: fp32, as the plain engine
+        torch.testing.assert_close(mixed.dit.forward_with_cfg(x, t, y, CFG), plain.dit.forward_with_cfg(x, t, y, CFG),
+                                   rtol=0, atol=0)
 
 
 def test_sample_command_flags_reach_apply_speedups(model_files, tmp_path, monkeypatch):
@@ -357,7 +392,7 @@ def test_sample_command_flags_reach_apply_speedups(model_files, tmp_path, monkey
 
     calls = []
 
-    def record(dit, codec, *, compile, precision):
+    def record(dit, codec, *, compile, precision, fp32_guidance=False):
         calls.append((compile, precision))
         return apply_speedups(dit, codec, compile=False, precision=precision)  # no compile cost here
 
