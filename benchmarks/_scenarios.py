@@ -27,7 +27,6 @@ from torch import nn
 
 from lgd.classifiers import build_classifier
 from lgd.config import Config, load_config
-from lgd.evaluation.protocol import width_override
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
 from lgd.models import DiT, create_dit
 from lgd.models.vae import IdentityCodec, LatentCodec
@@ -147,7 +146,7 @@ def _wake(dit: DiT, seed: int) -> DiT:
 def _classifiers(config: Config, channels: int, size: int, seed: int):
     torch.manual_seed(seed)
     def build(section):  # the network and width the config trains
-        return _frozen(build_classifier(section.network, channels, NUM_CLASSES, size, **width_override(section)))
+        return _frozen(build_classifier(section.network, channels, NUM_CLASSES, size, **section.model_overrides()))
 
     student, reference = build(config.lgd.stage_model), build(config.lgd.reference_model)
     surrogate = build(config.igd.surrogate)

@@ -59,6 +59,16 @@ if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
+    def _tile(b, tb, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows tb*BLOCK_M.. of batch item b, whole rows: columns, masks and flat offsets."""
+        rows = tb * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < T
+        col_ok = cols < D
+        flat_rows = (b * T + rows).to(tl.int64)
+        return cols, col_ok, row_ok, row_ok[:, None] & col_ok[None, :], flat_rows, flat_rows[:, None] * D + cols[None, :]
+
+    @triton.jit
     def _adaln_fwd_kernel(
         x_ptr, shift_ptr, scale_ptr, y_ptr, mean_ptr, rstd_ptr,
         T, D, eps,
@@ -66,13 +76,7 @@ if HAS_TRITON:
     ):
         # Program (b, j): rows j*BLOCK_M.. of batch item b, each row whole (BLOCK_D >= D).
         b = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < T
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        flat_rows = (b * T + rows).to(tl.int64)
-        offs = flat_rows[:, None] * D + cols[None, :]
+        cols, col_ok, row_ok, mask, flat_rows, offs = _tile(b, tl.program_id(1), T, D, BLOCK_M, BLOCK_D)
 
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / D
@@ -95,13 +99,7 @@ if HAS_TRITON:
         # over its rows to [B, NUM_TB, D] and the launcher adds the NUM_TB partials.
         b = tl.program_id(0)
         tb = tl.program_id(1)
-        rows = tb * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_D)
-        row_ok = rows < T
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        flat_rows = (b * T + rows).to(tl.int64)
-        offs = flat_rows[:, None] * D + cols[None, :]
+        cols, col_ok, row_ok, mask, flat_rows, offs = _tile(b, tb, T, D, BLOCK_M, BLOCK_D)
 
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)

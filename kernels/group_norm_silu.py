@@ -64,6 +64,19 @@ if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
+    def _group(pid, G, C, CPG, HW):
+        """Program pid = (n, g): sample n, group g; its CPG * HW elements start at `base`."""
+        n = pid // G
+        g = pid % G
+        return n, g, CPG * HW, (n * C + g * CPG).to(tl.int64) * HW
+
+    @triton.jit
+    def _silu_grad(dy, z):
+        """dy * d silu(z) / dz."""
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        return dy * sig * (1.0 + z * (1.0 - sig))
+
+    @triton.jit
     def _gn_silu_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         C, HW, CPG, G, eps,
@@ -72,10 +85,7 @@ if HAS_TRITON:
         # Program (n, g): the CPG * HW contiguous elements of group g of sample n.
         # Two passes for the statistics (mean, then centred variance: no cancellation), one to write.
         pid = tl.program_id(0)
-        n = pid // G
-        g = pid % G
-        size = CPG * HW
-        base = (n * C + g * CPG).to(tl.int64) * HW
+        n, g, size, base = _group(pid, G, C, CPG, HW)
         offs = tl.arange(0, BLOCK)
 
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -114,10 +124,7 @@ if HAS_TRITON:
         # dw, db sum over samples too: each program writes its group's per-channel partial sums
         # to [B, C] and the launcher adds the B rows.
         pid = tl.program_id(0)
-        n = pid // G
-        g = pid % G
-        size = CPG * HW
-        base = (n * C + g * CPG).to(tl.int64) * HW
+        n, g, size, base = _group(pid, G, C, CPG, HW)
         offs = tl.arange(0, BLOCK)
         mean = tl.load(mean_ptr + pid)
         rstd = tl.load(rstd_ptr + pid)
@@ -135,9 +142,7 @@ if HAS_TRITON:
                 at = base + c_local * HW + start + offs
                 xhat = (tl.load(x_ptr + at, mask=m, other=0.0).to(tl.float32) - mean) * rstd
                 dy = tl.load(dy_ptr + at, mask=m, other=0.0).to(tl.float32)
-                z = xhat * w + b
-                sig = 1.0 / (1.0 + tl.exp(-z))
-                dz = tl.where(m, dy * sig * (1.0 + z * (1.0 - sig)), 0.0)
+                dz = tl.where(m, _silu_grad(dy, xhat * w + b), 0.0)
                 dw_acc += dz * xhat
                 db_acc += dz
                 sum_dxhat += dz * w
@@ -155,9 +160,7 @@ if HAS_TRITON:
             dy = tl.load(dy_ptr + base + idx, mask=m, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + c, mask=m, other=1.0).to(tl.float32)
             b = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
-            z = xhat * w + b
-            sig = 1.0 / (1.0 + tl.exp(-z))
-            dxhat = dy * sig * (1.0 + z * (1.0 - sig)) * w
+            dxhat = _silu_grad(dy, xhat * w + b) * w
             dx = (dxhat - c1 - xhat * c2) * rstd
             tl.store(dx_ptr + base + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
 

@@ -75,6 +75,10 @@ class TrainSection:
     batch_size: int = 64  # the global batch, however many processes share it
     distributed: bool = False  # DDP over all processes (see above)
 
+    def model_overrides(self) -> dict:
+        """Classifier constructor arguments this section asks for (its channel width, if set)."""
+        return {} if self.width is None else {"width": self.width}
+
 
 @dataclass
 class LGDSection:

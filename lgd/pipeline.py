@@ -17,6 +17,7 @@ class, as in the papers' code (which makes one image at a time), while the batch
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -150,9 +151,7 @@ DEVIATION_SHARE_LIMIT = 0.1
 def warn_deviation_scale(config: Config, latent_shape: tuple[int, ...]) -> None:
     """Warn when a gamma would move x_t by a large share of its norm on these latents (the
     papers' gammas on the demo's 8x8x4 latents: 20-47 %, and the images leave their class)."""
-    dims = 1
-    for n in latent_shape:
-        dims *= n
+    dims = math.prod(latent_shape)
     for name, gamma in (("lgd.gamma", config.lgd.gamma), ("igd.gamma", config.igd.gamma)):
         if gamma / dims > DEVIATION_SHARE_LIMIT:
             log.warning("%s = %g moves x_t by up to %.0f %% of its norm per guided step on %d-dim latents "
@@ -230,9 +229,8 @@ class Distiller:
 
     def spec(self, section: TrainSection) -> dict:
         """build_classifier's arguments for a training section (saved with the weights)."""
-        width = {} if section.width is None else {"width": section.width}
         return {"name": section.network, "in_channels": self.channels, "num_classes": self.num_classes,
-                "image_size": self.classifier_size, **self.stats, **width}
+                "image_size": self.classifier_size, **self.stats, **section.model_overrides()}
 
     def new_classifier(self, spec: dict, name: str) -> torch.nn.Module:
         """A freshly initialised classifier whose weights depend only on (run seed, name)."""

@@ -40,7 +40,6 @@ from lgd.evaluation.protocol import (
     images_per_class,
     load_image_sets,
     materialise,
-    width_override,
 )
 from lgd.files import atomic_path, read_json, write_json
 from lgd.rundir import SyntheticSet
@@ -274,7 +273,7 @@ def analyze_run(
     for name, s in synthetic.items():
         increments = increment_ids(s, config.stages.increment)
         num_classes = int(test[1].max()) + 1 if test is not None else int(s.labels.max()) + 1
-        factory = ClassifierFactory(s.images.shape[1], num_classes, size, model_overrides or width_override(config.eval.recipe))
+        factory = ClassifierFactory(s.images.shape[1], num_classes, size, model_overrides or config.eval.recipe.model_overrides())
         make = lambda seed: factory(network, seed)  # noqa: E731
         seed = derive_seed(config.seed, "analysis", name)
         common = dict(classifier_size=size, seed=seed, device=device, progress=progress)

@@ -78,11 +78,6 @@ def classifier_size(config: Config) -> int:
     return config.data.classifier_size or config.data.image_size
 
 
-def width_override(section) -> dict:
-    """Constructor overrides a training section asks for (its channel width, if set)."""
-    return {} if section.width is None else {"width": section.width}
-
-
 @dataclass
 class ClassifierFactory:
     """Builds fresh classifiers for a dataset: channels, classes, input size and the input
@@ -225,7 +220,7 @@ def evaluate_run(
         train_data = load_dataset(config.data.name, "train", config.data.root, config.data.image_size)
     num_classes = _num_classes(test_data)
     test = materialise(test_data, crop=size, progress=progress)
-    factory = ClassifierFactory(test[0].shape[1], num_classes, size, model_overrides or width_override(config.eval.recipe))
+    factory = ClassifierFactory(test[0].shape[1], num_classes, size, model_overrides or config.eval.recipe.model_overrides())
 
     def images_of(name: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "random":

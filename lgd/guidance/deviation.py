@@ -23,6 +23,10 @@ class ClassMemory:
     def add(self, cls: int, latent: torch.Tensor) -> None:
         self._entries[int(cls)].append(latent.detach().flatten().float().cpu())
 
+    def items(self) -> list[tuple[int, torch.Tensor]]:
+        """(class, flattened latent) for every entry, classes in increasing order."""
+        return [(cls, e) for cls, items in sorted(self._entries.items()) for e in items]
+
     def entries(self, cls: int) -> torch.Tensor | None:
         """[M, D] stacked entries of class `cls`, or None when it has none yet."""
         items = self._entries.get(int(cls))
@@ -48,16 +52,16 @@ class Deviation:
     def __init__(self, memory: ClassMemory, gamma: float, device: torch.device | str = "cpu",
                  classes: list[int] | None = None):
         self.gamma = gamma
-        entries = [(cls, e) for cls, items in sorted(memory._entries.items()) for e in items
-                   if classes is None or cls in classes]
+        entries = [(cls, e) for cls, e in memory.items() if classes is None or cls in classes]
         self.bank = torch.stack([e for _, e in entries]).to(device) if entries else None
+        self.unit_bank = F.normalize(self.bank, dim=1) if entries else None  # fixed: normalised once
         self.owner = torch.tensor([cls for cls, _ in entries], device=device) if entries else None
 
     def __call__(self, x_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.bank is None or self.gamma == 0:
             return torch.zeros_like(x_t)
         x = x_t.detach().flatten(1).float()
-        similarity = F.normalize(x, dim=1) @ F.normalize(self.bank, dim=1).T
+        similarity = F.normalize(x, dim=1) @ self.unit_bank.T
         same_class = self.owner[None, :] == labels[:, None]
         nearest = similarity.masked_fill(~same_class, float("-inf")).argmax(dim=1)
         step = -self.gamma * cosine_gradient(x, self.bank[nearest])
