@@ -16,7 +16,9 @@ the guidance gradient by cos 0.64-0.73 against fp32 at t >= 800. `fp32_guidance`
 guided steps in fp32 and the low precision for everything without a gradient.
 
 Compile covers the DiT's `forward` / `forward_with_cfg` and the VAE decoder with
-fullgraph=True; the guidance classifiers (the double-backward region) stay eager.
+fullgraph=True. IGD's double-backward region is compiled separately, as the torch.func
+transform `InfluenceLoss.input_gradient` (aot_autograd cannot compile a double backward taken
+through autograd.grad, engineering.md); the LGD classifiers stay eager.
 
 On CUDA with Triton the VAE decoder's GroupNorm+SiLU pairs are swapped for the fused kernel
 (`lgd.kernels.group_norm_silu`); elsewhere the decoder is left as it is.

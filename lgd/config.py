@@ -45,7 +45,7 @@ class SamplingSection:
     # of the same round do not see each other. A round is cut into batches of batch_size.
     round_slots: int = 1
     engine: str = "fast"  # fast (batched) or reference (one image at a time, plain eager fp32)
-    compile: bool = False  # torch.compile the DiT and the VAE decoder (fast engine only)
+    compile: bool = False  # torch.compile the DiT, the VAE decoder and IGD's influence gradient (fast engine only)
     precision: str = "auto"  # autocast of DiT/VAE: auto (bf16 on GPUs with bf16, else fp32) | fp32 | bf16 | fp16
     fp32_guidance: bool = False  # guided steps (gradients through DiT and VAE) in fp32, the rest in `precision`
 

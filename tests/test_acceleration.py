@@ -293,7 +293,7 @@ def test_compiled_bf16_dit_within_twice_plain_bf16_error():
                    lowp.forward_with_cfg(x.bfloat16(), t, y, CFG))
 
 
-def influence_loss() -> InfluenceLoss:
+def influence_loss(compile: bool = False) -> InfluenceLoss:
     model = tiny_classifier(0)
     checkpoints = []
     for e in range(2):
@@ -302,7 +302,19 @@ def influence_loss() -> InfluenceLoss:
     real = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     real_labels = torch.arange(12) % CLASSES
     targets = torch.stack([class_mean_gradients(model, p, real, real_labels, CLASSES) for p in checkpoints])
-    return InfluenceLoss(model, checkpoints, targets)
+    return InfluenceLoss(model, checkpoints, targets, compile=compile)
+
+
+def test_compiled_influence_gradient_matches_eager():
+    """IGD's double-backward region compiled whole (torch.compile of the torch.func gradient):
+    same gradient w.r.t. the images as eager, for two batch sizes (one graph each)."""
+    eager, fast = influence_loss(), influence_loss(compile=True)
+    for batch in (2, 3):
+        images = torch.rand(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
+        labels = torch.arange(batch) % CLASSES
+        expected = eager.input_gradient(images, labels)
+        assert expected.abs().max() > 0
+        assert rel_err(fast.input_gradient(images, labels), expected) <= 1e-5
 
 
 def test_igd_double_backward_under_fp16_runs_outside_autocast_finite_and_equal_to_fp32():

@@ -177,3 +177,17 @@ def test_fused_learnability_equals_plain_with_gradients(shape):
         results.append((s, ce_s, ce_r, grad))
     for plain, fused in zip(*results):
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_influence_input_gradient_equals_autograd_through_batched(batch):
+    """The fast path's torch.func gradient w.r.t. the images (what the compiled path compiles)
+    equals autograd's double backward through `batched`, and needs no graph from its input."""
+    loss = influence_setup()
+    x = torch.rand(batch, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(batch) % 3
+    (expected,) = torch.autograd.grad(loss.batched(x, y).sum(), x)
+    with torch.no_grad():
+        actual = loss.input_gradient(x, y)
+    assert not actual.requires_grad
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)

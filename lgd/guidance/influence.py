@@ -7,8 +7,10 @@ images of its class give. For checkpoints theta_e of the surrogate's training tr
 
 Its gradient w.r.t. x_t is a double backward. The batched path computes per-sample
 parameter gradients with torch.func (vmap of grad over functional_call) and sums the E
-losses before a single backward; the reference path works one image and one checkpoint at
-a time, as the official code does.
+losses; its gradient w.r.t. the decoded images is itself a torch.func transform
+(`InfluenceLoss.input_gradient`), which torch.compile can compile whole, and one backward with
+that gradient carries it through the decoder and the DiT to x_t. The reference path works one
+image and one checkpoint at a time, as the official code does.
 """
 from __future__ import annotations
 
@@ -74,10 +76,16 @@ def select_checkpoints(
 class InfluenceLoss:
     """L_inf for a batch of images, against fixed checkpoints and class targets."""
 
-    def __init__(self, model: torch.nn.Module, checkpoints: list[Params], targets: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, checkpoints: list[Params], targets: torch.Tensor,
+                 compile: bool = False):
+        """compile: torch.compile `input_gradient` (double backward and all; the compiled graph is
+        built at the first call and again for each new batch size)."""
         self.model = model
         self.checkpoints = [{k: v.detach() for k, v in p.items()} for p in checkpoints]
         self.targets = targets  # [E, C, P]
+        # grad of the batch's summed L_inf w.r.t. the images: a function of (images, labels) only
+        gradient = grad(lambda images, labels: self.batched(images, labels).sum())
+        self._input_gradient = torch.compile(gradient, fullgraph=True) if compile else gradient
 
     def _ce(self, params: Params, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(self.model, params, (image[None],)), label[None])
@@ -91,6 +99,10 @@ class InfluenceLoss:
             flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
             losses.append(1 - F.cosine_similarity(flat, target[labels], dim=1))
         return torch.stack(losses).mean(dim=0)
+
+    def input_gradient(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """d(sum_i L_inf_i)/d images, without an autograd graph (the double backward runs inside)."""
+        return self._input_gradient(images.detach(), labels)
 
     def per_checkpoint(self, image: torch.Tensor, label: torch.Tensor) -> list[torch.Tensor]:
         """The reference path: one image, one autograd.grad(create_graph) per checkpoint."""
@@ -138,8 +150,8 @@ class InfluenceGuidance:
 
     def gradient(self, x_t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
-        if not self.reference:
-            return torch.autograd.grad(self.loss.batched(images, labels).sum(), x_t)[0]
+        if not self.reference:  # chain rule: dL/dx_t = (d images/d x_t)^T dL/d images
+            return torch.autograd.grad(images, x_t, grad_outputs=self.loss.input_gradient(images, labels))[0]
         if x_t.shape[0] != 1:
             raise ValueError("the reference influence path works one image at a time")
         losses = self.loss.per_checkpoint(images[0], labels[0])
