@@ -412,9 +412,8 @@ class Distiller:
         tensors = load_file(str(path), device=str(self.device))
         checkpoints = [{k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}/")}
                        for n in range(tensors["kept"].numel())]
-        s = self.config.sampling
         self._influence = InfluenceLoss(model.requires_grad_(False), checkpoints, tensors["targets"],
-                                        compile=s.compile and s.engine == "fast")
+                                        compile=self.config.sampling.compile)
         return self._influence
 
     def real_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -305,16 +305,53 @@ def influence_loss(compile: bool = False) -> InfluenceLoss:
     return InfluenceLoss(model, checkpoints, targets, compile=compile)
 
 
-def test_compiled_influence_gradient_matches_eager():
+@pytest.fixture(scope="module")
+def compiled_influence() -> tuple[InfluenceLoss, InfluenceLoss]:
+    """(eager, compiled) influence losses over the same surrogate checkpoints and targets."""
+    eager = influence_loss()
+    return eager, InfluenceLoss(eager.model, eager.checkpoints, eager.targets, compile=True)
+
+
+def check_compiled_influence_gradient(eager: InfluenceLoss, fast: InfluenceLoss, batch: int) -> None:
+    images = torch.rand(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch), requires_grad=True)
+    labels = torch.arange(batch) % CLASSES
+    (expected,) = torch.autograd.grad(eager.batched(images, labels).sum(), images)
+    assert expected.abs().max() > 0
+    assert rel_err(fast.input_gradient(images, labels), expected) <= 1e-5
+
+
+def test_compiled_influence_gradient_matches_eager(compiled_influence):
     """IGD's double-backward region compiled whole (torch.compile of the torch.func gradient):
-    same gradient w.r.t. the images as eager, for two batch sizes (one graph each)."""
-    eager, fast = influence_loss(), influence_loss(compile=True)
-    for batch in (2, 3):
-        images = torch.rand(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch))
-        labels = torch.arange(batch) % CLASSES
-        expected = eager.input_gradient(images, labels)
-        assert expected.abs().max() > 0
-        assert rel_err(fast.input_gradient(images, labels), expected) <= 1e-5
+    the same gradient w.r.t. the images as autograd's eager double backward, at the guided
+    run's batch (the IGD sampling test below reuses this graph)."""
+    check_compiled_influence_gradient(*compiled_influence, BATCH)
+
+
+@pytest.mark.slow
+def test_compiled_influence_gradient_at_a_second_batch_size(compiled_influence):
+    """A new batch size compiles a second graph, which must match eager too."""
+    check_compiled_influence_gradient(*compiled_influence, BATCH + 1)
+
+
+def test_igd_guided_sampling_compile_on_and_off_agree(compiled, compiled_influence):
+    """IGD guidance through DiT (CFG) and VAE decode, the compiled influence gradient chained to
+    x_t by one backward, against the all-eager autograd double backward; 4 steps, 2 guided."""
+    dit, codec, fast_dit, fast_codec = compiled
+    memory = ClassMemory(4)
+    for c in range(CLASSES):
+        memory.add(c, torch.randn(LATENT, generator=torch.Generator().manual_seed(10 + c)))
+    labels = step_inputs()[2]
+    finals = []
+    for model, vae, loss in ((dit, codec, compiled_influence[0]), (fast_dit, fast_codec, compiled_influence[1])):
+        sampler = Sampler(model, SamplerSettings(steps=STEPS, cfg_scale=CFG), LATENT)
+        guidance = InfluenceGuidance(
+            codec=vae, loss=loss, alphas_cumprod=sampler.diffusion.alphas_cumprod, k=5.0, rho_scale=0.05,
+            window=(1, 2), deviation=Deviation(memory, 1.0))
+        with torch.no_grad():
+            finals.append(sampler.sample(labels, NoiseStream([5, 6]), guidance))
+        assert not guidance.nonfinite.pop_failed()
+    eager, fast = finals
+    assert rel_err(fast, eager) <= 1e-4, rel_err(fast, eager)
 
 
 def test_igd_double_backward_under_fp16_runs_outside_autocast_finite_and_equal_to_fp32():

@@ -164,3 +164,16 @@ def test_unwritable_run_directory_is_a_clear_error(tiny_models, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(LgdError, match="cannot write to the run directory"):
         Distiller(load_config("demo", tiny_overrides(tiny_models)), blocker / "run", progress=False).run_all()
+
+
+def test_compile_switch_reaches_the_influence_loss(tiny_models, tmp_path):
+    """sampling.compile compiles IGD's influence gradient too (checked without running it: the
+    compiled graphs themselves are tested in test_acceleration.py)."""
+    for compile in (False, True):
+        overrides = tiny_overrides(tiny_models, **{"sampling.compile": compile})
+        distiller = Distiller(load_config("demo", overrides), tmp_path / str(compile), progress=False)
+        try:
+            distiller.prepare()
+            assert distiller.influence_loss().compiled is compile
+        finally:
+            distiller.runtime.shutdown()

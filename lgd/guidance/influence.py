@@ -7,9 +7,10 @@ images of its class give. For checkpoints theta_e of the surrogate's training tr
 
 Its gradient w.r.t. x_t is a double backward. The batched path computes per-sample
 parameter gradients with torch.func (vmap of grad over functional_call) and sums the E
-losses; its gradient w.r.t. the decoded images is itself a torch.func transform
-(`InfluenceLoss.input_gradient`), which torch.compile can compile whole, and one backward with
-that gradient carries it through the decoder and the DiT to x_t. The reference path works one
+losses before a single backward. Compiled, the gradient w.r.t. the decoded images is itself
+a torch.func transform (`InfluenceLoss.input_gradient`) that torch.compile compiles whole, and
+one backward with it carries it through the decoder and the DiT to x_t (measured on the demo
+at batch 10: 89 ms a step against 131 eager; eager, the transform is slower than autograd). The reference path works one
 image and one checkpoint at a time, as the official code does.
 """
 from __future__ import annotations
@@ -85,6 +86,7 @@ class InfluenceLoss:
         self.targets = targets  # [E, C, P]
         # grad of the batch's summed L_inf w.r.t. the images: a function of (images, labels) only
         gradient = grad(lambda images, labels: self.batched(images, labels).sum())
+        self.compiled = compile
         self._input_gradient = torch.compile(gradient, fullgraph=True) if compile else gradient
 
     def _ce(self, params: Params, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -101,8 +103,10 @@ class InfluenceLoss:
         return torch.stack(losses).mean(dim=0)
 
     def input_gradient(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """d(sum_i L_inf_i)/d images, without an autograd graph (the double backward runs inside)."""
-        return self._input_gradient(images.detach(), labels)
+        """d(sum_i L_inf_i)/d images, without an autograd graph (the double backward runs inside).
+        Always under no_grad, so the compiled graph does not depend on the caller's grad mode."""
+        with torch.no_grad():
+            return self._input_gradient(images.detach(), labels)
 
     def per_checkpoint(self, image: torch.Tensor, label: torch.Tensor) -> list[torch.Tensor]:
         """The reference path: one image, one autograd.grad(create_graph) per checkpoint."""
@@ -150,8 +154,11 @@ class InfluenceGuidance:
 
     def gradient(self, x_t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
-        if not self.reference:  # chain rule: dL/dx_t = (d images/d x_t)^T dL/d images
+        if not self.reference and self.loss.compiled:
+            # the compiled double backward gives dL/d images; one backward carries it to x_t
             return torch.autograd.grad(images, x_t, grad_outputs=self.loss.input_gradient(images, labels))[0]
+        if not self.reference:  # eager, autograd's double backward beats the torch.func transform
+            return torch.autograd.grad(self.loss.batched(images, labels).sum(), x_t)[0]
         if x_t.shape[0] != 1:
             raise ValueError("the reference influence path works one image at a time")
         losses = self.loss.per_checkpoint(images[0], labels[0])
