@@ -12,11 +12,13 @@ re-drawn so that gradients are not trivially zero). Classifiers, the IGD surroga
 and its class targets are random for the same reason.
 
 Providers follow `sampling.engine`: "fast" denoises all candidates as one batch (fused
-learnability op, batched vmap influence loss); "reference" one image at a time (plain
-learnability, one backward per surrogate checkpoint).
+learnability op, batched vmap influence loss); "compiled" is "fast" with `sampling.compile`
+(compiled DiT, VAE decoder and influence gradient; demo only, first call = compile);
+"reference" one image at a time (plain learnability, one backward per surrogate checkpoint).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from lgd.acceleration import apply_speedups
 from lgd.classifiers import build_classifier
 from lgd.config import Config, load_config
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
@@ -44,7 +47,8 @@ STEP_FRACTION = 0.8
 def step_index(steps: int) -> int:
     return round(STEP_FRACTION * steps)
 KINDS = ("lgd", "igd")
-PROVIDERS = ("fast", "reference")
+PROVIDERS = ("fast", "compiled", "reference")
+BATCHED = ("fast", "compiled")
 
 
 @dataclass
@@ -86,12 +90,23 @@ class Scenario:
                 omega=c.lgd.omega, lam=c.lgd.lam, rho_scale=c.lgd.rho_scale,
                 window=scaled_window(c.lgd.window, c.sampling.steps, steps),
                 deviation=Deviation(self.memory, c.lgd.gamma), classifier_size=self.classifier_size,
-                fused=provider == "fast")
+                fused=provider in BATCHED)
         return InfluenceGuidance(
             codec=self.codec, loss=self.influence, alphas_cumprod=alphas, k=c.igd.k, rho_scale=c.igd.rho_scale,
             window=scaled_window(c.igd.window, c.sampling.steps, steps),
             deviation=Deviation(self.memory, c.igd.gamma), classifier_size=self.classifier_size,
             reference=provider == "reference")
+
+    def compiled(self) -> "Scenario":
+        """This scenario with `sampling.compile`'s switches on copies of its DiT, codec and
+        influence loss (built once; torch.compile compiles at the first call)."""
+        if getattr(self, "_compiled", None) is None:
+            dit, codec = copy.deepcopy(self.dit), copy.deepcopy(self.codec)
+            apply_speedups(dit, codec, compile=True, precision="fp32")
+            i = self.influence
+            influence = InfluenceLoss(i.model, i.checkpoints, i.targets, compile=True)
+            self._compiled = dataclasses.replace(self, dit=dit, codec=codec, influence=influence)
+        return self._compiled
 
     def info(self) -> dict:
         """Sizes for extra_info."""
@@ -231,11 +246,12 @@ BUILDERS: dict[str, Callable[[], Scenario]] = {"demo": build_demo, "dit-b2": bui
 def _batches(provider: str, images: int) -> list[list[int]]:
     """Seeds per call of the sampler: one batch (fast) or one image at a time (reference)."""
     seeds = list(range(1000, 1000 + images))
-    return [seeds] if provider == "fast" else [[s] for s in seeds]
+    return [seeds] if provider in BATCHED else [[s] for s in seeds]
 
 
 def step_run(scn: Scenario, kind: str, provider: str, images: int) -> Callable[[], None]:
     """One guided reverse step (index `scn.step_index`) for `images` candidates."""
+    scn = scn.compiled() if provider == "compiled" else scn
     sampler = scn.sampler()
     guidance = scn.guidance(kind, provider, sampler)
     gen = torch.Generator().manual_seed(0)
@@ -256,7 +272,9 @@ def step_run(scn: Scenario, kind: str, provider: str, images: int) -> Callable[[
 def sampling_run(scn: Scenario, kind: str, provider: str, images: int, steps: int) -> Callable[[], None]:
     """A whole unit through the pipeline's own `Distiller.sample_candidates` (fast: one batch,
     reference: one image at a time), `steps` respaced steps, guidance inside the scaled window."""
-    config = dataclasses.replace(scn.config, sampling=dataclasses.replace(scn.config.sampling, engine=provider))
+    scn = scn.compiled() if provider == "compiled" else scn
+    engine = "reference" if provider == "reference" else "fast"
+    config = dataclasses.replace(scn.config, sampling=dataclasses.replace(scn.config.sampling, engine=engine))
     sampler = scn.sampler(steps)
     guidance = scn.guidance(kind, provider, sampler, steps)
     # sample_candidates reads only these attributes of the Distiller.

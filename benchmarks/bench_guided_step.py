@@ -11,12 +11,16 @@ images and are normalised per image.
 
 demo: the FLOP-counting call is the warm-up, then timed rounds. dit-b2: a call takes seconds,
 so the single timed call is the counted one (the counter's per-op Python hook costs
-microseconds against 0.1-1 s ops) and there is no warm-up.
+microseconds against 0.1-1 s ops) and there is no warm-up. compiled (demo only): the first
+call compiles and is timed on its own (extra_info first_call_s); its FLOPs are counted on the
+eager fast call, which computes the same ops.
 """
+import time
+
 import pytest
 
 from _measure import count_flops, environment
-from _scenarios import KINDS, PROVIDERS, step_run
+from _scenarios import BATCHED, KINDS, PROVIDERS, step_run
 
 # config -> fast batch, reference images per call, timed rounds, separate warm-up call
 PLAN = {
@@ -29,17 +33,26 @@ PLAN = {
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("config", list(PLAN))
 def test_guided_step(benchmark, scenarios, config, kind, provider):
+    if provider == "compiled" and config != "demo":
+        pytest.skip("compiled rows at the demo config only (compiling DiT-B/2 takes many minutes here)")
     scn = scenarios(config)
     plan = PLAN[config]
-    images = plan["fast"] if provider == "fast" else plan["reference"][kind]
+    batched = provider in BATCHED
+    images = plan["fast"] if batched else plan["reference"][kind]
     run = step_run(scn, kind, provider, images)
     benchmark.group = f"guided step | {config} | {kind.upper()}"
     benchmark.extra_info.update(
         kernel="guided_step", path=kind, provider=provider, images=images,
-        batch=images if provider == "fast" else 1, step_index=scn.step_index, warm_up=plan["warm_up"],
+        batch=images if batched else 1, step_index=scn.step_index, warm_up=plan["warm_up"],
         **scn.info(), **environment(),
     )
-    if plan["warm_up"]:
+    if provider == "compiled":
+        start = time.perf_counter()
+        run()
+        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+        flops = count_flops(step_run(scn, kind, "fast", images))
+        benchmark.pedantic(run, rounds=plan["rounds"][kind], iterations=1, warmup_rounds=0)
+    elif plan["warm_up"]:
         flops = count_flops(run)
         benchmark.pedantic(run, rounds=plan["rounds"][kind], iterations=1, warmup_rounds=0)
     else:

@@ -77,9 +77,32 @@ def grouped(benchmarks: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def provider(group: list[dict], name: str) -> dict | None:
+    return next((b for b in group if b["extra_info"].get("provider") == name), None)
+
+
 def pair(group: list[dict]) -> tuple[dict | None, dict | None]:
-    find = lambda p: next((b for b in group if b["extra_info"].get("provider") == p), None)
-    return find("fast"), find("reference")
+    return provider(group, "fast"), provider(group, "reference")
+
+
+def vs_reference(b: dict, group: list[dict]) -> str:
+    """images/s of a batched provider over the reference's, bold, or "" for the reference."""
+    ref = provider(group, "reference")
+    if b is ref or ref is None:
+        return ""
+    return f"**{ips(b) / ips(ref):.2f}x**"
+
+
+def first_call(b: dict) -> str:
+    s = b["extra_info"].get("first_call_s")
+    return fmt(s) if s is not None else "-"
+
+
+ORDER = {"fast": 0, "compiled": 1, "reference": 2}
+
+
+def by_provider(group: list[dict]) -> list[dict]:
+    return sorted(group, key=lambda b: ORDER.get(b["extra_info"]["provider"], 3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,16 +169,14 @@ def matmul_section(benchmarks: list[dict]) -> list[str]:
 
 
 def step_rows(group: list[dict], tops: dict[int, float]) -> list[list]:
-    fast, ref = pair(group)
     rows = []
-    for b in sorted(group, key=lambda b: b["extra_info"]["provider"]):
+    for b in by_provider(group):
         e = b["extra_info"]
         flops = e.get("flops", {}).get("total")
         rate = flops / b["stats"]["min"] if flops else None
         top = tops.get(threads(b))
-        ratio = ips(fast) / ips(ref) if b is fast and ref else None
-        rows.append([e["provider"], e["batch"], e["images"], b["stats"]["rounds"], fmt(b["stats"]["median"]),
-                     fmt(ips(b)), fmt(ips(b, "min")), f"**{ratio:.2f}x**" if ratio else "",
+        rows.append([e["provider"], e["batch"], e["images"], first_call(b), b["stats"]["rounds"],
+                     fmt(b["stats"]["median"]), fmt(ips(b)), fmt(ips(b, "min")), vs_reference(b, group),
                      fmt(flops / e["images"] / 1e9) if flops else "-", fmt(rate / 1e9) if rate else "-",
                      f"{100 * rate / top:.1f} %" if rate and top else "-"])
     return rows
@@ -170,11 +191,13 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
              "20 of 25 at the demo preset): CFG forward of the "
              "DiT, DDPM step, VAE decode of the Tweedie estimate, classifiers, backward to x_t, deviation "
              "guidance. fast = all candidates as one batch (fused learnability op / batched vmap influence "
-             "loss); reference = one image at a time (plain learnability / one backward per surrogate "
+             "loss); compiled = fast with `sampling.compile` (DiT, VAE decoder and influence gradient under "
+             "torch.compile; its first call compiles and is timed apart; FLOPs counted on the eager fast call, "
+             "the same ops); reference = one image at a time (plain learnability / one backward per surrogate "
              "checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
              "backward; elementwise ops, norms and softmax count zero).", ""]
-    header = ["provider", "batch", "images/call", "rounds", "s/call (median)", "images/s (median)",
-              "images/s (best)", "fast/ref", "GFLOP/image", "GFLOP/s (best)", "% of ceiling"]
+    header = ["provider", "batch", "images/call", "first call s", "rounds", "s/call (median)", "images/s (median)",
+              "images/s (best)", "x reference", "GFLOP/image", "GFLOP/s (best)", "% of ceiling"]
     for name, group in grouped(steps).items():
         e = group[0]["extra_info"]
         lines += [f"### {name}", "", _config_line(e), ""] + table(header, step_rows(group, tops))
@@ -183,7 +206,8 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
     for b in steps:
         e, f = b["extra_info"], b["extra_info"]["flops"]
         n = e["images"]
-        if (e["config"], e["path"], e["provider"]) in seen:  # FLOPs do not depend on the thread count
+        if e["provider"] == "compiled" or (e["config"], e["path"], e["provider"]) in seen:
+            # compiled: counted on the eager fast call; FLOPs do not depend on the thread count
             continue
         seen.add((e["config"], e["path"], e["provider"]))
         parts = ("total", "dit", "codec", "classifiers", "other")
@@ -214,18 +238,17 @@ def sampling_section(benchmarks: list[dict]) -> list[str]:
     lines = ["## Whole guided sampling of one unit", "",
              "`Distiller.sample_candidates` (the pipeline's unit sampler). The demo runs its preset's whole "
              "25-step schedule; DiT-B/2 a short respaced schedule (the 50-step one takes minutes per unit "
-             "here) with the guidance window at the same fraction of it. One timed round.", ""]
-    header = ["provider", "batch", "images/call", "steps", "guided steps", "window", "s/call",
-              "images/s", "fast/ref"]
+             "here) with the guidance window at the same fraction of it. One timed round (compiled: after a "
+             "first unit that compiles every graph, timed apart).", ""]
+    header = ["provider", "batch", "images/call", "first call s", "steps", "guided steps", "window", "s/call",
+              "images/s", "x reference"]
     for name, group in grouped(runs).items():
-        fast, ref = pair(group)
         rows = []
-        for b in sorted(group, key=lambda b: b["extra_info"]["provider"]):
+        for b in by_provider(group):
             e = b["extra_info"]
-            ratio = ips(fast) / ips(ref) if b is fast and ref else None
-            rows.append([e["provider"], e["batch"], e["images"], e["steps"], e["guided_steps"],
+            rows.append([e["provider"], e["batch"], e["images"], first_call(b), e["steps"], e["guided_steps"],
                          f"{e['window'][0]}..{e['window'][1]}", fmt(b["stats"]["median"]), fmt(ips(b)),
-                         f"**{ratio:.2f}x**" if ratio else ""])
+                         vs_reference(b, group)])
         e = group[0]["extra_info"]
         share, full_share = e["guided_steps"] / e["steps"], e["full_guided_steps"] / e["full_steps"]
         lines += [f"### {name}", "", f"Guided share {share:.0%} of {e['steps']} steps; the {e['full_steps']}-step "
@@ -288,11 +311,13 @@ def goals_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
                 e = group[0]["extra_info"]
                 if e["config"] != "demo" or e["path"] != kind:
                     continue
-                fast, ref = pair(group)
-                if fast and ref:
-                    ratio = ips(fast) / ips(ref)
-                    rows.append([f"fast {kind.upper()} >= {goal:g}x reference images/s (demo, {what})",
-                                 e["threads"], f"{ratio:.2f}x", "yes" if ratio >= goal else "**no**"])
+                ref = provider(group, "reference")
+                for name in ("fast", "compiled"):
+                    b = provider(group, name)
+                    if b and ref:
+                        ratio = ips(b) / ips(ref)
+                        rows.append([f"{name} {kind.upper()} >= {goal:g}x reference images/s (demo, {what})",
+                                     e["threads"], f"{ratio:.2f}x", "yes" if ratio >= goal else "**no**"])
     ops = {b["extra_info"]["provider"]: b for b in by_kernel(benchmarks, "learnability")}
     if "cpp" in ops and "torch" in ops:
         ratio = ops["torch"]["stats"]["median"] / ops["cpp"]["stats"]["median"]

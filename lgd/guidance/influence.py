@@ -87,7 +87,7 @@ class InfluenceLoss:
         # grad of the batch's summed L_inf w.r.t. the images: a function of (images, labels) only
         gradient = grad(lambda images, labels: self.batched(images, labels).sum())
         self.compiled = compile
-        self._input_gradient = torch.compile(gradient, fullgraph=True) if compile else gradient
+        self._input_gradient = torch.compile(gradient, fullgraph=True, dynamic=False) if compile else gradient
 
     def _ce(self, params: Params, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(self.model, params, (image[None],)), label[None])
