@@ -16,7 +16,9 @@ the guidance gradient by cos 0.64-0.73 against fp32 at t >= 800. `fp32_guidance`
 guided steps in fp32 and the low precision for everything without a gradient.
 
 Compile covers the DiT's `forward` / `forward_with_cfg` and the VAE decoder with
-fullgraph=True. IGD's double-backward region is compiled separately, as the torch.func
+fullgraph=True. On CPU it also switches both models' attention to the plain softmax(q k^T) v
+form, which inductor fuses: PyTorch's CPU flash-attention kernel is slow at their sequence
+lengths (measured on the demo's compiled LGD step: 137 ms against 144 ms with SDPA). IGD's double-backward region is compiled separately, as the torch.func
 transform `InfluenceLoss.input_gradient` (aot_autograd cannot compile a double backward taken
 through autograd.grad, engineering.md); the LGD classifiers stay eager.
 
@@ -29,6 +31,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
 from lgd.errors import ConfigError
@@ -98,6 +101,10 @@ def apply_speedups(
     dtype = resolve_precision(precision, device)
     lowp = dtype != torch.float32
     dit._lgd_speedups = (compile, dtype)
+    if compile and device.type == "cpu":
+        dit.set_attention_backend("math")
+        if isinstance(codec, LatentCodec):
+            codec.vae.set_attn_processor(AttnProcessor())
 
     # forward_with_cfg calls self(...), i.e. the patched forward below; when both are
     # compiled, dynamo inlines the inner one into the CFG graph.

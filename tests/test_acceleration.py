@@ -187,6 +187,15 @@ def compiled():
     return dit, codec, fast_dit, fast_codec
 
 
+def test_compile_on_cpu_uses_plain_attention(compiled):
+    """Inductor fuses the plain attention; the DiT and the VAE leave PyTorch's CPU SDPA kernel."""
+    dit, codec, fast_dit, fast_codec = compiled
+    assert dit.attention_backend == "sdpa" and fast_dit.attention_backend == "math"
+    processors = {type(p).__name__ for p in fast_codec.vae.attn_processors.values()}
+    assert processors == {"AttnProcessor"}, processors
+    assert {type(p).__name__ for p in codec.vae.attn_processors.values()} != {"AttnProcessor"}
+
+
 def test_compiled_dit_cfg_forward_and_input_gradient_match_eager(compiled):
     dit, _, fast, _ = compiled
     x, t, y = step_inputs()
