@@ -21,6 +21,7 @@ import gc
 import os
 import platform
 import re
+import time
 from collections.abc import Callable
 
 import torch
@@ -56,6 +57,13 @@ FLOP_FORMULAS = {
 # Top-level module class names -> the part of a guided step they belong to; anything else
 # seen at the top level is the codec (diffusers' Decoder and post_quant_conv).
 PARTS = {"DiT": "dit", "ConvNet": "classifiers", "ResNet": "classifiers"}
+
+
+def time_first_call(benchmark, fn: Callable[[], object]) -> None:
+    """Run fn once (for a compiled provider: compiling) and record its wall time as first_call_s."""
+    start = time.perf_counter()
+    fn()
+    benchmark.extra_info["first_call_s"] = time.perf_counter() - start
 
 
 def count_flops(fn: Callable[[], object]) -> dict[str, int]:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,6 +50,11 @@ def step_index(steps: int) -> int:
 KINDS = ("lgd", "igd")
 PROVIDERS = ("fast", "compiled", "reference")
 BATCHED = ("fast", "compiled")
+
+
+def skip_unless_runnable(provider: str, config: str) -> None:
+    if provider == "compiled" and config != "demo":
+        pytest.skip("compiled rows at the demo config only (compiling DiT-B/2 takes many minutes here)")
 
 
 @dataclass

@@ -11,12 +11,10 @@ unit runs many steps, so first-call costs are spread as in a real run. Except co
 only): its first unit compiles every graph, which a real run pays once, so it is timed on its
 own (extra_info first_call_s) and the timed round is the second unit.
 """
-import time
-
 import pytest
 
-from _measure import environment
-from _scenarios import BATCHED, KINDS, PROVIDERS, sampling_run, sampling_schedule
+from _measure import environment, time_first_call
+from _scenarios import BATCHED, KINDS, PROVIDERS, sampling_run, sampling_schedule, skip_unless_runnable
 
 # config -> respaced steps, fast batch, reference images per call. The demo's fast batches are
 # the demo run's own: one round of 10 classes x 1 slot x kappa (3 for LGD, 1 for IGD).
@@ -30,8 +28,7 @@ PLAN = {
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("config", list(PLAN))
 def test_guided_sampling(benchmark, scenarios, config, kind, provider):
-    if provider == "compiled" and config != "demo":
-        pytest.skip("compiled rows at the demo config only (compiling DiT-B/2 takes many minutes here)")
+    skip_unless_runnable(provider, config)
     scn = scenarios(config)
     plan = PLAN[config]
     batched = provider in BATCHED
@@ -44,7 +41,5 @@ def test_guided_sampling(benchmark, scenarios, config, kind, provider):
         **scn.info(), **environment(),
     )
     if provider == "compiled":
-        start = time.perf_counter()
-        run()
-        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+        time_first_call(benchmark, run)
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)

@@ -15,12 +15,10 @@ microseconds against 0.1-1 s ops) and there is no warm-up. compiled (demo only):
 call compiles and is timed on its own (extra_info first_call_s); its FLOPs are counted on the
 eager fast call, which computes the same ops.
 """
-import time
-
 import pytest
 
-from _measure import count_flops, environment
-from _scenarios import BATCHED, KINDS, PROVIDERS, step_run
+from _measure import count_flops, environment, time_first_call
+from _scenarios import BATCHED, KINDS, PROVIDERS, skip_unless_runnable, step_run
 
 # config -> fast batch, reference images per call, timed rounds, separate warm-up call
 PLAN = {
@@ -33,8 +31,7 @@ PLAN = {
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("config", list(PLAN))
 def test_guided_step(benchmark, scenarios, config, kind, provider):
-    if provider == "compiled" and config != "demo":
-        pytest.skip("compiled rows at the demo config only (compiling DiT-B/2 takes many minutes here)")
+    skip_unless_runnable(provider, config)
     scn = scenarios(config)
     plan = PLAN[config]
     batched = provider in BATCHED
@@ -46,14 +43,12 @@ def test_guided_step(benchmark, scenarios, config, kind, provider):
         batch=images if batched else 1, step_index=scn.step_index, warm_up=plan["warm_up"],
         **scn.info(), **environment(),
     )
-    if provider == "compiled":
-        start = time.perf_counter()
-        run()
-        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
-        flops = count_flops(step_run(scn, kind, "fast", images))
-        benchmark.pedantic(run, rounds=plan["rounds"][kind], iterations=1, warmup_rounds=0)
-    elif plan["warm_up"]:
-        flops = count_flops(run)
+    if plan["warm_up"]:
+        if provider == "compiled":  # the warm-up compiles; the eager fast call counts the same ops
+            time_first_call(benchmark, run)
+            flops = count_flops(step_run(scn, kind, "fast", images))
+        else:
+            flops = count_flops(run)
         benchmark.pedantic(run, rounds=plan["rounds"][kind], iterations=1, warmup_rounds=0)
     else:
         flops = {}

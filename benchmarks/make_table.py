@@ -194,8 +194,8 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
              "loss); compiled = fast with `sampling.compile` (DiT, VAE decoder and influence gradient under "
              "torch.compile; its first call compiles and is timed apart, as 'first call s': graphs that an "
              "earlier case of the session compiled for the same shapes are reused, so a small figure there means "
-             "no new graph; FLOPs counted on the eager fast call, the same ops); reference = one image at a time (plain learnability / one backward per surrogate "
-             "checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
+             "no new graph; FLOPs counted on the eager fast call, the same ops); reference = one image at a "
+             "time (plain learnability / one backward per surrogate checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
              "backward; elementwise ops, norms and softmax count zero).", ""]
     header = ["provider", "batch", "images/call", "first call s", "rounds", "s/call (median)", "images/s (median)",
               "images/s (best)", "x reference", "GFLOP/image", "GFLOP/s (best)", "% of ceiling"]

@@ -164,16 +164,21 @@ if HAS_TRITON:
             dx = (dxhat - c1 - xhat * c2) * rstd
             tl.store(dx_ptr + base + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
+    def _layout(x: torch.Tensor) -> tuple[int, int, int]:
+        """(B, C, elements per channel) of a contiguous [B, C, *spatial] tensor."""
+        B, C = x.shape[:2]
+        return B, C, x.numel() // (B * C)
+
+    def _fp32_rows(B: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty((B, n), device=like.device, dtype=torch.float32)
+
     @triton_op("lgd::group_norm_silu_fwd", mutates_args=())
     def _gn_silu_fwd(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, block: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = x.contiguous()
-        B, C = x.shape[:2]
-        HW = x.numel() // (B * C)
-        y = torch.empty_like(x)
-        mean = torch.empty((B, groups), device=x.device, dtype=torch.float32)
-        rstd = torch.empty((B, groups), device=x.device, dtype=torch.float32)
+        B, C, HW = _layout(x)
+        y, mean, rstd = torch.empty_like(x), _fp32_rows(B, groups, x), _fp32_rows(B, groups, x)
         wrap_triton(_gn_silu_fwd_kernel)[(B * groups,)](
             x, weight, bias, y, mean, rstd, C, HW, C // groups, groups, eps,
             BLOCK=block, num_warps=num_warps_for(block),
@@ -186,11 +191,8 @@ if HAS_TRITON:
         mean: torch.Tensor, rstd: torch.Tensor, groups: int, block: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dy, x = dy.contiguous(), x.contiguous()
-        B, C = x.shape[:2]
-        HW = x.numel() // (B * C)
-        dx = torch.empty_like(x)
-        dw_part = torch.empty((B, C), device=x.device, dtype=torch.float32)
-        db_part = torch.empty((B, C), device=x.device, dtype=torch.float32)
+        B, C, HW = _layout(x)
+        dx, dw_part, db_part = torch.empty_like(x), _fp32_rows(B, C, x), _fp32_rows(B, C, x)
         wrap_triton(_gn_silu_bwd_kernel)[(B * groups,)](
             dy, x, weight, bias, mean, rstd, dx, dw_part, db_part, C, HW, C // groups, groups,
             BLOCK=block, num_warps=num_warps_for(block),

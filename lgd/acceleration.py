@@ -18,9 +18,10 @@ guided steps in fp32 and the low precision for everything without a gradient.
 Compile covers the DiT's `forward` / `forward_with_cfg` and the VAE decoder with
 fullgraph=True. On CPU it also switches both models' attention to the plain softmax(q k^T) v
 form, which inductor fuses: PyTorch's CPU flash-attention kernel is slow at their sequence
-lengths (measured on the demo's compiled LGD step: 137 ms against 144 ms with SDPA). IGD's double-backward region is compiled separately, as the torch.func
-transform `InfluenceLoss.input_gradient` (aot_autograd cannot compile a double backward taken
-through autograd.grad, engineering.md); the LGD classifiers stay eager.
+lengths (measured on the demo's compiled LGD step: 137 ms against 144 ms with SDPA).
+IGD's double-backward region is compiled separately, as the torch.func transform
+`InfluenceLoss.input_gradient` (aot_autograd cannot compile a double backward taken through
+autograd.grad, engineering.md); the LGD classifiers stay eager.
 
 On CUDA with Triton the VAE decoder's GroupNorm+SiLU pairs are swapped for the fused kernel
 (`lgd.kernels.group_norm_silu`); elsewhere the decoder is left as it is.

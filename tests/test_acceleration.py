@@ -225,24 +225,33 @@ def test_compiled_vae_decode_forward_matches_eager(compiled):
         assert rel_err(fast.decode(z), codec.decode(z)) <= 1e-5
 
 
+def memory_of_every_class() -> ClassMemory:
+    memory = ClassMemory(4)
+    for c in range(CLASSES):
+        memory.add(c, torch.randn(LATENT, generator=torch.Generator().manual_seed(10 + c)))
+    return memory
+
+
+def guided_final(dit: DiT, make_guidance) -> torch.Tensor:
+    """Final latents of STEPS-step sampling of step_inputs' labels, fixed seeds, with the guidance
+    make_guidance(alphas_cumprod) builds; no candidate may fail."""
+    sampler = Sampler(dit, SamplerSettings(steps=STEPS, cfg_scale=CFG), LATENT)
+    guidance = make_guidance(sampler.diffusion.alphas_cumprod)
+    with torch.no_grad():
+        final = sampler.sample(step_inputs()[2], NoiseStream([5, 6]), guidance)
+    assert not guidance.nonfinite.pop_failed()
+    return final
+
+
 def test_guided_sampling_compile_on_and_off_agree(compiled):
     """LGD guidance through DiT (CFG) and VAE decode, 4 steps of which 2 guided, same seeds."""
     dit, codec, fast_dit, fast_codec = compiled
     student, reference = tiny_classifier(1), tiny_classifier(2)
-    memory = ClassMemory(4)
-    for c in range(CLASSES):
-        memory.add(c, torch.randn(LATENT, generator=torch.Generator().manual_seed(10 + c)))
-    labels = step_inputs()[2]
-    finals = []
-    for model, vae in ((dit, codec), (fast_dit, fast_codec)):
-        sampler = Sampler(model, SamplerSettings(steps=STEPS, cfg_scale=CFG), LATENT)
-        guidance = LearnabilityGuidance(
-            codec=vae, student=student, reference=reference, alphas_cumprod=sampler.diffusion.alphas_cumprod,
-            omega=0.5, lam=15.0, rho_scale=0.05, window=(1, 2), deviation=Deviation(memory, 1.0))
-        with torch.no_grad():
-            finals.append(sampler.sample(labels, NoiseStream([5, 6]), guidance))
-        assert not guidance.nonfinite.pop_failed()
-    eager, fast = finals
+    memory = memory_of_every_class()
+    eager, fast = (guided_final(model, lambda alphas, vae=vae: LearnabilityGuidance(
+        codec=vae, student=student, reference=reference, alphas_cumprod=alphas,
+        omega=0.5, lam=15.0, rho_scale=0.05, window=(1, 2), deviation=Deviation(memory, 1.0)))
+        for model, vae in ((dit, codec), (fast_dit, fast_codec)))
     assert rel_err(fast, eager) <= 1e-4, rel_err(fast, eager)
 
 
@@ -346,20 +355,11 @@ def test_igd_guided_sampling_compile_on_and_off_agree(compiled, compiled_influen
     """IGD guidance through DiT (CFG) and VAE decode, the compiled influence gradient chained to
     x_t by one backward, against the all-eager autograd double backward; 4 steps, 2 guided."""
     dit, codec, fast_dit, fast_codec = compiled
-    memory = ClassMemory(4)
-    for c in range(CLASSES):
-        memory.add(c, torch.randn(LATENT, generator=torch.Generator().manual_seed(10 + c)))
-    labels = step_inputs()[2]
-    finals = []
-    for model, vae, loss in ((dit, codec, compiled_influence[0]), (fast_dit, fast_codec, compiled_influence[1])):
-        sampler = Sampler(model, SamplerSettings(steps=STEPS, cfg_scale=CFG), LATENT)
-        guidance = InfluenceGuidance(
-            codec=vae, loss=loss, alphas_cumprod=sampler.diffusion.alphas_cumprod, k=5.0, rho_scale=0.05,
-            window=(1, 2), deviation=Deviation(memory, 1.0))
-        with torch.no_grad():
-            finals.append(sampler.sample(labels, NoiseStream([5, 6]), guidance))
-        assert not guidance.nonfinite.pop_failed()
-    eager, fast = finals
+    memory = memory_of_every_class()
+    eager, fast = (guided_final(model, lambda alphas, vae=vae, loss=loss: InfluenceGuidance(
+        codec=vae, loss=loss, alphas_cumprod=alphas, k=5.0, rho_scale=0.05, window=(1, 2),
+        deviation=Deviation(memory, 1.0)))
+        for model, vae, loss in ((dit, codec, compiled_influence[0]), (fast_dit, fast_codec, compiled_influence[1])))
     assert rel_err(fast, eager) <= 1e-4, rel_err(fast, eager)
 
 

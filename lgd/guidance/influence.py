@@ -10,8 +10,8 @@ parameter gradients with torch.func (vmap of grad over functional_call) and sums
 losses before a single backward. Compiled, the gradient w.r.t. the decoded images is itself
 a torch.func transform (`InfluenceLoss.input_gradient`) that torch.compile compiles whole, and
 one backward with it carries it through the decoder and the DiT to x_t (measured on the demo
-at batch 10: 89 ms a step against 131 eager; eager, the transform is slower than autograd). The reference path works one
-image and one checkpoint at a time, as the official code does.
+at batch 10: 89 ms a step against 131 eager; eager, the transform is slower than autograd).
+The reference path works one image and one checkpoint at a time, as the official code does.
 """
 from __future__ import annotations
 
@@ -154,10 +154,10 @@ class InfluenceGuidance:
 
     def gradient(self, x_t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
-        if not self.reference and self.loss.compiled:
-            # the compiled double backward gives dL/d images; one backward carries it to x_t
-            return torch.autograd.grad(images, x_t, grad_outputs=self.loss.input_gradient(images, labels))[0]
-        if not self.reference:  # eager, autograd's double backward beats the torch.func transform
+        if not self.reference:
+            if self.loss.compiled:  # the compiled double backward gives dL/d images; one backward to x_t
+                return torch.autograd.grad(images, x_t, grad_outputs=self.loss.input_gradient(images, labels))[0]
+            # eager, autograd's double backward beats the torch.func transform
             return torch.autograd.grad(self.loss.batched(images, labels).sum(), x_t)[0]
         if x_t.shape[0] != 1:
             raise ValueError("the reference influence path works one image at a time")
