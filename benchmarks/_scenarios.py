@@ -15,6 +15,9 @@ Providers follow `sampling.engine`: "fast" denoises all candidates as one batch 
 learnability op, batched vmap influence loss); "compiled" is "fast" with `sampling.compile`
 (compiled DiT, VAE decoder and influence gradient; demo only, first call = compile);
 "reference" one image at a time (plain learnability, one backward per surrogate checkpoint).
+"influence-free" (IGD at the demo only) is "compiled" with the influence gradient replaced by
+zeros and every other cost kept (decode, the backward through decoder and DiT, deviation): not
+a way to sample, but the bound on what any faster influence gradient could give the compiled path.
 """
 from __future__ import annotations
 
@@ -48,13 +51,27 @@ STEP_FRACTION = 0.8
 def step_index(steps: int) -> int:
     return round(STEP_FRACTION * steps)
 KINDS = ("lgd", "igd")
-PROVIDERS = ("fast", "compiled", "reference")
-BATCHED = ("fast", "compiled")
+PROVIDERS = ("fast", "compiled", "influence-free", "reference")
+BATCHED = ("fast", "compiled", "influence-free")
+COMPILED = ("compiled", "influence-free")  # first call compiles
 
 
-def skip_unless_runnable(provider: str, config: str) -> None:
-    if provider == "compiled" and config != "demo":
+def skip_unless_runnable(provider: str, config: str, kind: str) -> None:
+    if provider in COMPILED and config != "demo":
         pytest.skip("compiled rows at the demo config only (compiling DiT-B/2 takes many minutes here)")
+    if provider == "influence-free" and kind != "igd":
+        pytest.skip("influence-free bounds IGD only")
+
+
+class FreeInfluence(InfluenceLoss):
+    """An influence loss whose input gradient costs nothing (zeros): the 'influence-free' bound."""
+
+    def __init__(self, loss: InfluenceLoss):
+        super().__init__(loss.model, loss.checkpoints, loss.targets)
+        self.compiled = True  # InfluenceGuidance then takes the compiled route: one backward to x_t
+
+    def input_gradient(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(images)
 
 
 @dataclass
@@ -113,6 +130,15 @@ class Scenario:
             influence = InfluenceLoss(i.model, i.checkpoints, i.targets, compile=True)
             self._compiled = dataclasses.replace(self, dit=dit, codec=codec, influence=influence)
         return self._compiled
+
+    def for_provider(self, provider: str) -> "Scenario":
+        """The scenario a provider runs: compiled copies for "compiled" and "influence-free"."""
+        if provider == "compiled":
+            return self.compiled()
+        if provider == "influence-free":
+            compiled = self.compiled()
+            return dataclasses.replace(compiled, influence=FreeInfluence(compiled.influence))
+        return self
 
     def info(self) -> dict:
         """Sizes for extra_info."""
@@ -257,7 +283,7 @@ def _batches(provider: str, images: int) -> list[list[int]]:
 
 def step_run(scn: Scenario, kind: str, provider: str, images: int) -> Callable[[], None]:
     """One guided reverse step (index `scn.step_index`) for `images` candidates."""
-    scn = scn.compiled() if provider == "compiled" else scn
+    scn = scn.for_provider(provider)
     sampler = scn.sampler()
     guidance = scn.guidance(kind, provider, sampler)
     gen = torch.Generator().manual_seed(0)
@@ -278,7 +304,7 @@ def step_run(scn: Scenario, kind: str, provider: str, images: int) -> Callable[[
 def sampling_run(scn: Scenario, kind: str, provider: str, images: int, steps: int) -> Callable[[], None]:
     """A whole unit through the pipeline's own `Distiller.sample_candidates` (fast: one batch,
     reference: one image at a time), `steps` respaced steps, guidance inside the scaled window."""
-    scn = scn.compiled() if provider == "compiled" else scn
+    scn = scn.for_provider(provider)
     engine = "reference" if provider == "reference" else "fast"
     config = dataclasses.replace(scn.config, sampling=dataclasses.replace(scn.config.sampling, engine=engine))
     sampler = scn.sampler(steps)

@@ -9,12 +9,13 @@ shorter respaced schedule with the guidance window at the same fraction of it (e
 records steps, window and guided steps, and the originals). One timed round, no warm-up: a
 unit runs many steps, so first-call costs are spread as in a real run. Except compiled (demo
 only): its first unit compiles every graph, which a real run pays once, so it is timed on its
-own (extra_info first_call_s) and the timed round is the second unit.
+own (extra_info first_call_s) and the timed round is the second unit. influence-free (IGD, demo)
+likewise: compiled with a zero influence gradient, the bound on compiled IGD sampling.
 """
 import pytest
 
 from _measure import environment, time_first_call
-from _scenarios import BATCHED, KINDS, PROVIDERS, sampling_run, sampling_schedule, skip_unless_runnable
+from _scenarios import BATCHED, COMPILED, KINDS, PROVIDERS, sampling_run, sampling_schedule, skip_unless_runnable
 
 # config -> respaced steps, fast batch, reference images per call. The demo's fast batches are
 # the demo run's own: one round of 10 classes x 1 slot x kappa (3 for LGD, 1 for IGD).
@@ -28,7 +29,7 @@ PLAN = {
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("config", list(PLAN))
 def test_guided_sampling(benchmark, scenarios, config, kind, provider):
-    skip_unless_runnable(provider, config)
+    skip_unless_runnable(provider, config, kind)
     scn = scenarios(config)
     plan = PLAN[config]
     batched = provider in BATCHED
@@ -40,6 +41,6 @@ def test_guided_sampling(benchmark, scenarios, config, kind, provider):
         batch=images if batched else 1, **sampling_schedule(scn, kind, plan["steps"]),
         **scn.info(), **environment(),
     )
-    if provider == "compiled":
+    if provider in COMPILED:
         time_first_call(benchmark, run)
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)

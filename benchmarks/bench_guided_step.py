@@ -13,12 +13,13 @@ demo: the FLOP-counting call is the warm-up, then timed rounds. dit-b2: a call t
 so the single timed call is the counted one (the counter's per-op Python hook costs
 microseconds against 0.1-1 s ops) and there is no warm-up. compiled (demo only): the first
 call compiles and is timed on its own (extra_info first_call_s); its FLOPs are counted on the
-eager fast call, which computes the same ops.
+eager fast call, which computes the same ops. influence-free (IGD, demo): compiled with a zero
+influence gradient, the bound on the compiled IGD step; no FLOP count.
 """
 import pytest
 
 from _measure import count_flops, environment, time_first_call
-from _scenarios import BATCHED, KINDS, PROVIDERS, skip_unless_runnable, step_run
+from _scenarios import BATCHED, COMPILED, KINDS, PROVIDERS, skip_unless_runnable, step_run
 
 # config -> fast batch, reference images per call, timed rounds, separate warm-up call
 PLAN = {
@@ -31,7 +32,7 @@ PLAN = {
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("config", list(PLAN))
 def test_guided_step(benchmark, scenarios, config, kind, provider):
-    skip_unless_runnable(provider, config)
+    skip_unless_runnable(provider, config, kind)
     scn = scenarios(config)
     plan = PLAN[config]
     batched = provider in BATCHED
@@ -44,9 +45,9 @@ def test_guided_step(benchmark, scenarios, config, kind, provider):
         **scn.info(), **environment(),
     )
     if plan["warm_up"]:
-        if provider == "compiled":  # the warm-up compiles; the eager fast call counts the same ops
+        if provider in COMPILED:  # the warm-up compiles; the eager fast call counts the compiled ops
             time_first_call(benchmark, run)
-            flops = count_flops(step_run(scn, kind, "fast", images))
+            flops = count_flops(step_run(scn, kind, "fast", images)) if provider == "compiled" else {}
         else:
             flops = count_flops(run)
         benchmark.pedantic(run, rounds=plan["rounds"][kind], iterations=1, warmup_rounds=0)

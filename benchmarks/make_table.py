@@ -98,7 +98,7 @@ def first_call(b: dict) -> str:
     return fmt(s) if s is not None else "-"
 
 
-ORDER = {"fast": 0, "compiled": 1, "reference": 2}
+ORDER = {"fast": 0, "compiled": 1, "influence-free": 2, "reference": 3}
 
 
 def by_provider(group: list[dict]) -> list[dict]:
@@ -194,7 +194,9 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
              "loss); compiled = fast with `sampling.compile` (DiT, VAE decoder and influence gradient under "
              "torch.compile; its first call compiles and is timed apart, as 'first call s': graphs that an "
              "earlier case of the session compiled for the same shapes are reused, so a small figure there means "
-             "no new graph; FLOPs counted on the eager fast call, the same ops); reference = one image at a "
+             "no new graph; FLOPs counted on the eager fast call, the same ops); influence-free = compiled with "
+             "IGD's influence gradient replaced by zeros, a bound rather than a way to sample (FLOPs not "
+             "counted); reference = one image at a "
              "time (plain learnability / one backward per surrogate checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
              "backward; elementwise ops, norms and softmax count zero).", ""]
     header = ["provider", "batch", "images/call", "first call s", "rounds", "s/call (median)", "images/s (median)",
@@ -207,8 +209,9 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
     for b in steps:
         e, f = b["extra_info"], b["extra_info"]["flops"]
         n = e["images"]
-        if e["provider"] == "compiled" or (e["config"], e["path"], e["provider"]) in seen:
-            # compiled: counted on the eager fast call; FLOPs do not depend on the thread count
+        if e["provider"] in ("compiled", "influence-free") or (e["config"], e["path"], e["provider"]) in seen:
+            # compiled: counted on the eager fast call; influence-free: not counted; FLOPs do not
+            # depend on the thread count
             continue
         seen.add((e["config"], e["path"], e["provider"]))
         parts = ("total", "dit", "codec", "classifiers", "other")
@@ -239,8 +242,8 @@ def sampling_section(benchmarks: list[dict]) -> list[str]:
     lines = ["## Whole guided sampling of one unit", "",
              "`Distiller.sample_candidates` (the pipeline's unit sampler). The demo runs its preset's whole "
              "25-step schedule; DiT-B/2 a short respaced schedule (the 50-step one takes minutes per unit "
-             "here) with the guidance window at the same fraction of it. One timed round (compiled: after a "
-             "first unit that compiles every graph, timed apart).", ""]
+             "here) with the guidance window at the same fraction of it. One timed round (compiled and "
+             "influence-free: after a first unit that compiles every graph, timed apart).", ""]
     header = ["provider", "batch", "images/call", "first call s", "steps", "guided steps", "window", "s/call",
               "images/s", "x reference"]
     for name, group in grouped(runs).items():
@@ -337,7 +340,25 @@ def goals_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
         return []
     return (["## Goals", "", "On a loaded shared machine the 2-thread verdicts can flip from one run to the next "
              "(see Machine); the 1-thread rows, where present, are the stable comparison.", ""]
-            + table(["goal", "threads", "measured", "met"], rows) + demo_efficiency(benchmarks, tops))
+            + table(["goal", "threads", "measured", "met"], rows) + igd_bound(benchmarks)
+            + demo_efficiency(benchmarks, tops))
+
+
+def igd_bound(benchmarks: list[dict]) -> list[str]:
+    """What compiled IGD would reach if its influence gradient cost nothing (provider influence-free)."""
+    found = []
+    for kernel, what in (("guided_step", "one step"), ("guided_sampling", "whole sampling")):
+        for group in grouped(by_kernel(benchmarks, kernel)).values():
+            free, ref = provider(group, "influence-free"), provider(group, "reference")
+            if free and ref:
+                found.append(f"{ips(free) / ips(ref):.2f}x ({what}, batch {free['extra_info']['batch']})")
+    if not found:
+        return []
+    return [f"Bound on the IGD goals: with the influence gradient replaced by zeros and every other cost of "
+            f"the compiled path kept (provider influence-free: decode, the backward through decoder and DiT, "
+            f"deviation, the unguided steps), compiled IGD reaches {' and '.join(found)} of the reference. "
+            "No faster influence gradient can take the compiled path past these ratios; the rest of the step "
+            "would have to get faster too.", ""]
 
 
 def demo_efficiency(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
