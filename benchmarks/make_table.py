@@ -196,8 +196,8 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
              "earlier case of the session compiled for the same shapes are reused, so a small figure there means "
              "no new graph; FLOPs counted on the eager fast call, the same ops); influence-free = compiled with "
              "IGD's influence gradient replaced by zeros, a bound rather than a way to sample (FLOPs not "
-             "counted); reference = one image at a "
-             "time (plain learnability / one backward per surrogate checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
+             "counted); reference = one image at a time (plain learnability / one backward per surrogate "
+             "checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
              "backward; elementwise ops, norms and softmax count zero).", ""]
     header = ["provider", "batch", "images/call", "first call s", "rounds", "s/call (median)", "images/s (median)",
               "images/s (best)", "x reference", "GFLOP/image", "GFLOP/s (best)", "% of ceiling"]

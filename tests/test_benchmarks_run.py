@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_benchmarks_run():
     suites = [f"benchmarks/bench_{name}.py" for name in ("guided_step", "guided_sampling", "guided_memory")]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", *suites, "-k", "demo and not compiled and not influence", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", *suites, "-k", "demo and not compiled and not influence",
+         "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "LGD_BENCH_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
