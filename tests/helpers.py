@@ -1,7 +1,10 @@
 """Tiny random models shared by tests (built offline, fixed seeds)."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -32,3 +35,12 @@ def tiny_dit_file(path: Path, num_classes: int = 3, input_size: int = 4) -> Path
                 p.normal_(0, 0.02)
     save_dit(dit, path)
     return path
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """A module of benchmarks/ (not a package: pytest runs it with benchmarks/ on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -11,7 +11,7 @@ from lgd.models import load_dit
 from lgd.models.vae import load_vae
 from lgd.sampling import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
-from tests.helpers import tiny_dit_file, tiny_vae_folder
+from tests.helpers import benchmark_module, tiny_dit_file, tiny_vae_folder
 
 KAPPA, SLOTS, CLASS = 3, 4, 1
 
@@ -86,3 +86,20 @@ def test_igd_batched_equals_one_image_one_backward_per_checkpoint(parts):
     scale = out[True].abs().max()
     assert (out[False] - out[True]).abs().max() <= 1e-4 * scale
     assert (out[True] - unguided).abs().max() > 1e-3 * scale  # guidance moved them 10x more than the tolerance
+
+
+def test_influence_free_bound_samples_as_without_influence(parts):
+    """The benchmarks' influence-free provider keeps the compiled route's costs but must move the
+    latents exactly as sampling with the influence term off (k = 0) does."""
+    free = benchmark_module("_scenarios").FreeInfluence
+    sampler, codec, (surrogate, _), memory = parts
+    params = dict(surrogate.named_parameters())
+    targets = torch.randn(1, 3, sum(p.numel() for p in params.values()))
+    loss = InfluenceLoss(surrogate, [params], targets)
+    seeds = [7, 8, 9]
+    out = {}
+    for k, influence in ((5.0, free(loss)), (0.0, loss)):
+        out[k] = sample(sampler, seeds, InfluenceGuidance(
+            codec=codec, loss=influence, alphas_cumprod=sampler.diffusion.alphas_cumprod, k=k, rho_scale=0.05,
+            window=(2, 6), deviation=Deviation(memory, 0.5)), one_at_a_time=False)
+    assert torch.equal(out[5.0], out[0.0])

@@ -1,12 +1,9 @@
 """The IGD bound arithmetic of benchmarks/make_table.py, on a hand-made benchmark list."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-spec = importlib.util.spec_from_file_location("make_table", Path(__file__).parents[1] / "benchmarks" / "make_table.py")
-make_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(make_table)
+from tests.helpers import benchmark_module
+
+make_table = benchmark_module("make_table")
 
 
 def case(kernel: str, provider: str, seconds: float, images: int, **info) -> dict:
