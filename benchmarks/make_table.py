@@ -195,8 +195,8 @@ def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
              "torch.compile; its first call compiles and is timed apart, as 'first call s': graphs that an "
              "earlier case of the session compiled for the same shapes are reused, and inductor's on-disk cache "
              "(TORCHINDUCTOR_CACHE_DIR) turns a compile into a load of seconds, so a small figure there means no "
-             "new graph or a warm cache; FLOPs counted on the eager fast call, the same ops); influence-free = compiled with "
-             "IGD's influence gradient replaced by zeros, a bound rather than a way to sample (FLOPs not "
+             "new graph or a warm cache; FLOPs counted on the eager fast call, the same ops); influence-free = "
+             "compiled with IGD's influence gradient replaced by zeros, a bound rather than a way to sample (FLOPs not "
              "counted); reference = one image at a time (plain learnability / one backward per surrogate "
              "checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
              "backward; elementwise ops, norms and softmax count zero).", ""]
@@ -358,7 +358,7 @@ def influence_flops(benchmarks: list[dict]) -> float | None:
 def igd_bound(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
     """What compiled IGD would reach if its influence gradient cost nothing (provider influence-free),
     and the FLOP rate the influence gradient would need for the goal."""
-    per_call = influence_flops(benchmarks)
+    per_image = influence_flops(benchmarks)
     found, needs = [], []
     for kernel, what in (("guided_step", "one step"), ("guided_sampling", "whole sampling")):
         for group in grouped(by_kernel(benchmarks, kernel)).values():
@@ -368,14 +368,15 @@ def igd_bound(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
             e = free["extra_info"]
             found.append(f"{ips(free) / ips(ref):.2f}x ({what}, batch {e['batch']})")
             top = tops.get(threads(free))
-            if not (per_call and compiled and top):
+            if not (per_image and compiled and top):
                 continue
             # seconds per image: what the goal allows, what everything but the influence gradient takes
             allowed, rest = 1 / (GOALS["igd"] * ips(ref)), 1 / ips(free)
-            flops = per_call * e.get("guided_steps", 1)
+            flops = per_image * e.get("guided_steps", 1)
             have = flops / (1 / ips(compiled) - rest)
-            need = (f"{flops / (allowed - rest) / 1e9:.0f} GFLOP/s ({100 * flops / (allowed - rest) / top:.0f} % "
-                    "of the matmul ceiling)" if allowed > rest else "more than any rate: the rest alone is too slow")
+            rate = flops / (allowed - rest) if allowed > rest else None
+            need = (f"{rate / 1e9:.0f} GFLOP/s ({100 * rate / top:.0f} % of the matmul ceiling)" if rate
+                    else "more than any rate: the rest alone is too slow")
             needs.append(f"{what}: {need}, against {have / 1e9:.0f} GFLOP/s ({100 * have / top:.0f} %) compiled")
     if not found:
         return []
@@ -386,7 +387,7 @@ def igd_bound(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
              "would have to get faster too.", ""]
     if needs:
         lines += [f"For {GOALS['igd']:g}x with the rest as measured, the influence gradient "
-                  f"({per_call / 1e9:.3g} GFLOP per image and guided step) would have to run at "
+                  f"({per_image / 1e9:.3g} GFLOP per image and guided step) would have to run at "
                   + "; ".join(needs) + ".", ""]
     return lines
 
