@@ -74,6 +74,13 @@ class TrainSection:
     weight_decay: float = 5e-4
     batch_size: int = 64  # the global batch, however many processes share it
     distributed: bool = False  # DDP over all processes (see above)
+    # How to compute it (lgd.training): the same models either way, up to float rounding.
+    engine: str = "fast"  # fast (functional step, micro-batched, groups) or reference (plain eager loop)
+    compile: bool = False  # torch.compile the fast engine's step (the presets turn it on)
+    precision: str = "auto"  # fast engine: auto (bf16 autocast on GPUs with bf16, TF32 for fp32 on CUDA) | fp32 | bf16
+    micro_batch: int | None = None  # fast engine: images per gradient pass (None: fit the CPU cache; GPU: whole batch)
+    stacking: str = "auto"  # fast engine, several models: vmap (one stacked step) | loop (in turn) | auto (vmap on GPU)
+    group_size: int | None = None  # most trainings run as one group (None: all on CPU; GPU: from free memory)
 
     def model_overrides(self) -> dict:
         """Classifier constructor arguments this section asks for (its channel width, if set)."""
@@ -270,6 +277,16 @@ def _check_recipe(section: TrainSection, where: str) -> None:
     _check(0 <= section.momentum < 1, f"{where}.momentum must be in [0, 1)")
     _check(section.weight_decay >= 0, f"{where}.weight_decay must be non-negative")
     _check(section.batch_size >= 1, f"{where}.batch_size must be at least 1")
+    _check(section.engine in ("fast", "reference"), f"{where}.engine must be fast or reference, got {section.engine!r}")
+    _check(section.precision in ("auto", "fp32", "bf16"),
+           f"{where}.precision must be auto, fp32 or bf16, got {section.precision!r}")
+    _check(section.stacking in ("auto", "vmap", "loop"),
+           f"{where}.stacking must be auto, vmap or loop, got {section.stacking!r}")
+    _check(section.micro_batch is None or section.micro_batch >= 1, f"{where}.micro_batch must be at least 1")
+    _check(section.group_size is None or section.group_size >= 1, f"{where}.group_size must be at least 1")
+    _check(section.engine == "fast" or (not section.compile and section.precision in ("auto", "fp32")),
+           f"{where}.engine=reference is the plain eager fp32 loop: it cannot be combined with compile=true "
+           f"or precision={section.precision}")
 
 
 def _check_window(window: tuple[int, int], steps: int, where: str) -> None:

@@ -1,4 +1,4 @@
-"""Classifier training: the recipes of method.md §7, their augmentations, and accuracy."""
+"""Classifier training: the recipes of method.md §7, their augmentations, two engines, and accuracy."""
 from lgd.training.augment import (
     DSAParams,
     color_jitter,
@@ -9,21 +9,22 @@ from lgd.training.augment import (
     pca_lighting,
     random_resized_crop,
 )
+from lgd.training.recipes import RECIPES, TrainHistory, default_epochs, fit_size, lr_milestones
 from lgd.training.trainer import (
-    RECIPES,
-    TrainHistory,
+    Member,
+    accuracies,
     accuracy,
-    default_epochs,
-    fit_size,
-    lr_milestones,
     train_classifier,
+    train_classifiers,
     true_class_probability,
 )
 
 __all__ = [
     "DSAParams",
+    "Member",
     "RECIPES",
     "TrainHistory",
+    "accuracies",
     "accuracy",
     "color_jitter",
     "cutmix",
@@ -36,5 +37,6 @@ __all__ = [
     "pca_lighting",
     "random_resized_crop",
     "train_classifier",
+    "train_classifiers",
     "true_class_probability",
 ]

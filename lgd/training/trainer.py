@@ -1,6 +1,16 @@
-"""Classifier training with the recipes of method.md §7, and top-1 accuracy.
+"""Classifier training: one entry point, two engines, and top-1 scoring.
 
-Recipes (TrainSection.recipe):
+`train_classifier` trains one model, `train_classifiers` many independent ones that share a
+recipe and shapes; TrainSection.engine picks the loop:
+- reference: this module's plain eager loop (nn.Module forward, `loss.backward()`,
+  torch.optim.SGD with MultiStepLR), kept as the readable twin the fast engine is checked
+  against;
+- fast: lgd.training.fast, one functional SGD step (compiled with TrainSection.compile),
+  micro-batched to the CPU cache, members of a group stacked or run in turn.
+Both draw the same data order and augmentation from the same generator, so they train the
+same models up to float rounding (tests/test_fast_training.py).
+
+Recipes (TrainSection.recipe; constants and schedules in lgd.training.recipes):
 - hard_label: IDC / Minimax protocol. SGD (lr, momentum, weight decay, batch size from the
   section), LR x0.2 at 2/3 and 5/6 of training, hard-label augmentation + CutMix. Epochs from
   the section, else by IPC: <= 10: 2000, <= 50: 1500, else 1000.
@@ -21,160 +31,35 @@ generator, augments the whole global batch of batch_size images, and runs the ne
 its own contiguous share of it; DDP averages the gradients. Same recipe as one process,
 not the same bits (the all-reduce adds in another order). A Dataset source is read in full
 by every rank (the augmentation needs the whole batch); in-memory tensors cost nothing.
+DDP training always runs the reference loop, whatever the engine.
 """
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lgd.config import TrainSection
 from lgd.errors import ConfigError, DataError, LgdError
-from lgd.training.augment import cutmix, dsa_augment, hard_label_augment, mixed_cross_entropy
+from lgd.training.recipes import (
+    DC_BATCH_SIZE,
+    RECIPES,
+    Data,
+    Source,
+    TrainHistory,
+    augmenter,
+    default_epochs,
+    fit_size,
+    lr_milestones,
+    recipe_loss,
+)
 
 if TYPE_CHECKING:
     from lgd.runtime import Runtime
-
-RECIPES = ("hard_label", "dc", "plain")
-DC_BATCH_SIZE = 256
-_PLAIN_EPOCHS = 50  # IGD's surrogate
-_DC_EPOCHS = 300
-
-Data = Dataset | tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class TrainHistory:
-    """What happened during training, one entry per epoch (epoch e = after e epochs)."""
-
-    epochs: int
-    loss: list[float] = field(default_factory=list)  # mean training loss of each epoch
-    lr: list[float] = field(default_factory=list)  # learning rate used during each epoch
-    test_epochs: list[int] = field(default_factory=list)  # epochs at which eval_data was scored
-    test_accuracy: list[float] = field(default_factory=list)  # top-1 in [0, 1] at those epochs
-    confidence: torch.Tensor | None = None  # [epochs, len(track)] true-class probability after each epoch
-
-
-def default_epochs(recipe: str, ipc: int) -> int:
-    if recipe == "dc":
-        return _DC_EPOCHS
-    if recipe == "plain":
-        return _PLAIN_EPOCHS
-    return 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000
-
-
-def lr_milestones(recipe: str, epochs: int) -> tuple[list[int], float]:
-    """Epochs after which the LR is multiplied by the returned factor."""
-    if recipe == "hard_label":
-        return [2 * epochs // 3, 5 * epochs // 6], 0.2
-    if recipe == "dc":
-        return [epochs // 2], 0.1
-    return [], 1.0
-
-
-class _Source:
-    """Labelled images served in batches on the training device: an in-memory tensor pair
-    (anything with `.images`/`.labels` tensors, kept on the device, uint8 or float) or any
-    Dataset of (image, label) through a DataLoader."""
-
-    def __init__(self, data: Data | object, device: torch.device):
-        self.device = device
-        pair = _tensor_pair(data)
-        if pair is not None:
-            images, labels = pair
-            if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
-                raise DataError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}")
-            self.images, self.labels = images.to(device), labels.long().to(device)
-            self.dataset = None
-        elif isinstance(data, Dataset):
-            self.dataset, self.images, self.labels = data, None, getattr(data, "labels", None)
-        else:
-            raise DataError(f"training data must be a Dataset or an (images, labels) pair, got {type(data).__name__}")
-        self._loader: DataLoader | None = None
-
-    def __len__(self) -> int:
-        return len(self.images) if self.images is not None else len(self.dataset)
-
-    def ipc(self) -> int:
-        if not isinstance(self.labels, torch.Tensor):
-            raise ConfigError("cannot infer the IPC of this dataset: pass ipc= or set the section's epochs")
-        return int(torch.bincount(self.labels.cpu()).max())
-
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(float [0, 1] images, long labels) on the device; shuffled when a generator is given."""
-        if self.images is not None:
-            n = len(self.images)
-            order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-            order = order.to(self.device)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                yield _as_float(self.images[idx]), self.labels[idx]
-            return
-        if self._loader is None or self._loader.batch_size != batch_size:
-            workers = 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
-            self._loader = DataLoader(
-                self.dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            )
-        for x, y in self._loader:
-            yield _as_float(x.to(self.device, non_blocking=True)), y.long().to(self.device, non_blocking=True)
-
-
-def _tensor_pair(data) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    images, labels = getattr(data, "images", None), getattr(data, "labels", None)
-    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
-        return images, labels
-    return None
-
-
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-
-def fit_size(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Resize a batch to size x size (antialiased bilinear) if it is not that size already."""
-    if size is None or tuple(x.shape[-2:]) == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-
-
-def _normalisation(model: nn.Module) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """The classifier's input mean/std (buffers of lgd classifiers), 0.5/0.5 otherwise."""
-    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
-    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
-        return mean, std
-    return 0.5, 0.5
-
-
-Criterion = Callable[[torch.Tensor, slice], torch.Tensor]  # (logits of batch rows `part`, part) -> mean loss
-
-
-def _augment_fn(recipe: str, model: nn.Module, generator: torch.Generator) -> Callable:
-    """(images, labels) -> (augmented images, criterion) with the recipe's augmentation."""
-    if recipe == "hard_label":
-        def augment(x, y) -> tuple[torch.Tensor, Criterion]:
-            x = hard_label_augment(x, x.shape[-1], generator)
-            x, partner, lam = cutmix(x, y, generator)
-            return x, lambda logits, part: mixed_cross_entropy(logits, y[part], partner[part], lam)
-    elif recipe == "dc":
-        mean, std = _normalisation(model)
-
-        def augment(x, y) -> tuple[torch.Tensor, Criterion]:
-            return dsa_augment(x, generator, mean=mean, std=std), lambda logits, part: F.cross_entropy(logits, y[part])
-    else:
-        def augment(x, y) -> tuple[torch.Tensor, Criterion]:
-            return x, lambda logits, part: F.cross_entropy(logits, y[part])
-    return augment
-
 
 def _loss_fn(recipe: str, model: nn.Module, size: int | None, generator: torch.Generator,
              forward: nn.Module | None = None, rank: int = 0, world: int = 1) -> Callable:
@@ -185,20 +70,20 @@ def _loss_fn(recipe: str, model: nn.Module, size: int | None, generator: torch.G
     network. Its mean loss is weighted by share * world / batch, so DDP's gradient average is
     the gradient of the whole batch's mean loss, as on one process.
     """
-    augment = _augment_fn(recipe, model, generator)
+    augment = augmenter(recipe, model, generator)
     forward = forward or model
 
     def loss(x, y):
-        x, criterion = augment(fit_size(x, size), y)
+        x, targets = augment(fit_size(x, size), y)
         if world == 1:
-            return criterion(forward(x), slice(None))
+            return recipe_loss(forward(x), targets)
         b = len(y)
         part = slice(b * rank // world, b * (rank + 1) // world)
         logits = forward(x[part])
         share = part.stop - part.start
         if share == 0:  # a last batch smaller than the world: join the gradient all-reduce with zeros
             return logits.sum() * 0
-        return criterion(logits, part) * (share * world / b)
+        return recipe_loss(logits, tuple(t[part] if t.dim() else t for t in targets)) * (share * world / b)
     return loss
 
 
@@ -227,7 +112,7 @@ def train_classifier(
     progress: bool = True,
     runtime: Runtime | None = None,
 ) -> TrainHistory:
-    """Train `model` in place with `section`'s recipe; it is left in eval mode.
+    """Train `model` in place with `section`'s recipe and engine; it is left in eval mode.
 
     on_epoch(e, model) runs before training (e = 0) and after every epoch e = 1..E.
     eval_data: scored (top-1) every `eval_every` epochs and after the last one.
@@ -237,22 +122,79 @@ def train_classifier(
     same arguments; they train one model together (DDP) and all end with the same weights.
     Otherwise the runtime is ignored and this process trains alone.
     """
+    member = Member(model, data, seed, on_epoch=on_epoch, track=track)
+    return train_classifiers([member], section, ipc=ipc, classifier_size=classifier_size, device=device,
+                             eval_data=eval_data, eval_every=eval_every, progress=progress, runtime=runtime)[0]
+
+
+@dataclass
+class Member:
+    """One training of a group: its model (trained in place), data, seed (data order and
+    augmentation draws), and optional per-epoch hooks (see train_classifier)."""
+
+    model: nn.Module
+    data: Data
+    seed: int
+    on_epoch: Callable[[int, nn.Module], None] | None = None
+    track: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def train_classifiers(
+    members: list[Member],
+    section: TrainSection,
+    *,
+    ipc: int | None = None,
+    classifier_size: int | None = None,
+    device: str | torch.device = "cpu",
+    eval_data: Data | None = None,
+    eval_every: int = 1,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+) -> list[TrainHistory]:
+    """Independent trainings with one recipe, one per member, each equal to its lone training.
+
+    Members must share the architecture and the number of training images (so their batches
+    line up); the fast engine then trains them as one group (lgd.training.fast), the reference
+    engine one after the other. Returns one history per member, in order.
+    """
     if section.recipe not in RECIPES:
         raise ConfigError(f"unknown training recipe {section.recipe!r}; choose from {', '.join(RECIPES)}")
     if eval_every < 1:
         raise ConfigError(f"eval_every must be at least 1, got {eval_every}")
+    if not members:
+        return []
     device = torch.device(device)
-    model.to(device)
-    source = _Source(data, device)
-    if len(source) == 0:
+    sources = [Source(m.data, device) for m in members]
+    if any(len(s) == 0 for s in sources):
         raise DataError("cannot train a classifier on an empty image set")
-    epochs = section.epochs or default_epochs(section.recipe, ipc or source.ipc())
+    if len({len(s) for s in sources}) > 1 or len({repr(m.model) for m in members}) > 1:
+        raise ConfigError("trainings grouped together must share the architecture and the number of images")
+    epochs = section.epochs or default_epochs(section.recipe, ipc or sources[0].ipc())
     batch_size = DC_BATCH_SIZE if section.recipe == "dc" else section.batch_size
+    for m in members:
+        m.model.to(device)
+    if section.engine == "fast" and not (section.distributed and runtime is not None and runtime.world > 1):
+        from lgd.training.fast import train_group
+
+        return train_group(members, sources, section, epochs=epochs, batch_size=batch_size,
+                           classifier_size=classifier_size, device=device, eval_data=eval_data,
+                           eval_every=eval_every, progress=progress)
+    return [_train_reference(m, source, section, epochs=epochs, batch_size=batch_size,
+                             classifier_size=classifier_size, device=device, eval_data=eval_data,
+                             eval_every=eval_every, progress=progress, runtime=runtime)
+            for m, source in zip(members, sources)]
+
+
+def _train_reference(member: Member, source: Source, section: TrainSection, *, epochs: int, batch_size: int,
+                     classifier_size: int | None, device: torch.device, eval_data: Data | None, eval_every: int,
+                     progress: bool, runtime: Runtime | None) -> TrainHistory:
+    """The reference loop: plain eager nn.Module training with torch.optim."""
+    model, on_epoch = member.model, member.on_epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=section.lr, momentum=section.momentum,
                                 weight_decay=section.weight_decay)
     milestones, factor = lr_milestones(section.recipe, epochs)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=factor)
-    generator = torch.Generator().manual_seed(seed)  # CPU: data order and augmentation parameters
+    generator = torch.Generator().manual_seed(member.seed)  # CPU: data order and augmentation parameters
     together = section.distributed and runtime is not None and runtime.world > 1
     if together:
         from torch.nn.parallel import DistributedDataParallel
@@ -262,7 +204,7 @@ def train_classifier(
     else:
         forward, rank, world = model, 0, 1
     loss_fn = _loss_fn(section.recipe, model, classifier_size, generator, forward, rank, world)
-    tracked = _Source(track, device) if track is not None else None
+    tracked = Source(member.track, device) if member.track is not None else None
     confidences = []
     history = TrainHistory(epochs=epochs)
 
@@ -300,11 +242,11 @@ def train_classifier(
     return history
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _logits(model: nn.Module, data, device, batch_size: int, classifier_size: int | None):
     """(logits, labels) over the whole set, eval mode, no augmentation; restores the mode."""
     device = torch.device(device)
-    source = data if isinstance(data, _Source) else _Source(data, device)
+    source = data if isinstance(data, Source) else Source(data, device)
     was_training = model.training
     model.eval()
     try:
@@ -328,3 +270,27 @@ def true_class_probability(model: nn.Module, data: Data, device: str | torch.dev
     """Softmax probability of each sample's own label, [N] on the CPU."""
     logits, labels = _logits(model, data, device, batch_size, classifier_size)
     return logits.softmax(1).gather(1, labels[:, None]).squeeze(1).cpu()
+
+
+@torch.inference_mode()
+def accuracies(models: list[nn.Module], data: Data, device: str | torch.device = "cpu", batch_size: int = 256, *,
+               classifier_size: int | None = None) -> list[float]:
+    """Top-1 of each model on the same set, in one pass over it (each batch is loaded and
+    resized once for all models; one host sync at the end)."""
+    device = torch.device(device)
+    source = data if isinstance(data, Source) else Source(data, device)
+    modes = [m.training for m in models]
+    correct, count = torch.zeros(len(models), device=device), 0
+    try:
+        for m in models:
+            m.eval()
+        for x, y in source.batches(batch_size):
+            x = fit_size(x, classifier_size)
+            correct += torch.stack([(m(x).argmax(1) == y).sum() for m in models])
+            count += len(y)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    if count == 0:
+        raise DataError("cannot score a classifier on an empty image set")
+    return (correct / count).tolist()

@@ -1,0 +1,372 @@
+"""The fast training engine: one compiled, functional SGD step, for one model or a stack.
+
+The reference loop (lgd.training.trainer) calls `loss.backward()` and `optimizer.step()` on
+an nn.Module. Here the same step is a pure function of tensors,
+
+    (params, momenta, images, targets, lr) -> (new params, new momenta, loss),
+
+the gradient taken with torch.func.grad_and_value over `functional_call(model, ...)` and the
+SGD update (PyTorch's rule: buf = momentum * buf + grad + weight_decay * p; p -= lr * buf)
+written out, and the whole of it compiled as one graph with fullgraph=True (forward,
+backward and optimizer update fused by inductor; lr is a tensor, so the LR schedule never
+recompiles). Because the step is a function of tensors, many independent models of one
+architecture train as one: `torch.vmap` of the same step over stacked parameters (the
+"vmap" stacking). Where vmap does not pay (measured on CPU: a batched-weight convolution
+becomes a grouped one, slower than the members one after another), the members run the
+single-model step in turn (the "loop" stacking); either way each member keeps its own data
+order, augmentation draws, initialisation and schedule, so it equals its lone training.
+
+Augmentation stays outside the compiled graph: its random parameters come from a CPU
+torch.Generator (which dynamo cannot trace) and DSA picks one transformation family per
+batch (six graphs instead of one); it is ~2 % of a demo step (measured 0.4 of 22 ms). It
+runs eagerly, with exactly the reference's draws, so the fast and reference engines see the
+same augmented batches.
+
+Precision: fp32 on CPU; on CUDA `precision` auto autocasts the forward to bf16 where the GPU
+has it (lgd.acceleration.resolve_precision) and fp32 matmuls use TF32. Parameters, momenta
+and the update stay fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value
+from tqdm.auto import tqdm
+
+from lgd.training.recipes import Source, TrainHistory, augmenter, fit_size, lr_milestones
+
+STACKINGS = ("auto", "vmap", "loop")
+
+
+# CPU micro-batch: the largest activation of a micro-batch should fit in about this many
+# bytes, so forward and backward find it in cache. Measured on the demo network (ConvNet-3
+# width 32 at 32 px, 2-core AVX2): 22 ms per 100 images in micro-batches of 25-50, 34 ms as
+# one batch of 100 (compiled step). GPUs take the whole batch at once.
+CPU_CACHE_BYTES = 4 << 20
+
+
+def _criterion(kind: str) -> Callable:
+    """(logits, targets) -> summed loss (the recipe's mean loss is sum / batch)."""
+    if kind == "mixed":
+        def mixed(logits, targets):
+            labels, partner, lam = targets
+            return (lam * F.cross_entropy(logits, labels, reduction="sum")
+                    + (1 - lam) * F.cross_entropy(logits, partner, reduction="sum"))
+        return mixed
+    return lambda logits, targets: F.cross_entropy(logits, targets[0], reduction="sum")
+
+
+class MeanPool(nn.Module):
+    """AvgPool2d(k) (stride k, no padding, floor mode) as a reshape and a mean: the same
+    numbers, but its backward is a broadcast, which inductor fuses far better than
+    avg_pool2d_backward (measured on the demo network's compiled step: 9 ms per 32 images
+    against 11-14 ms). Its reference twin is nn.AvgPool2d (tests/test_fast_training.py)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        k = self.k
+        x = x[..., : h - h % k, : w - w % k]
+        return x.reshape(b, c, h // k, k, w // k, k).mean((3, 5))
+
+
+def _plain_avg_pool(m: nn.Module) -> int | None:
+    """k when m is AvgPool2d(k) with stride k and no padding (what MeanPool computes)."""
+    if not isinstance(m, nn.AvgPool2d):
+        return None
+    k, stride = m.kernel_size, m.stride
+    k = k if isinstance(k, int) else (k[0] if len(set(k)) == 1 else None)
+    stride = stride if isinstance(stride, int) else (stride[0] if len(set(stride)) == 1 else None)
+    plain = k is not None and stride == k and m.padding in (0, (0, 0)) and not m.ceil_mode
+    return k if plain and m.divisor_override is None else None
+
+
+def fast_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every plain AvgPool2d replaced by MeanPool (same parameters and
+    names, so functional_call takes the original's state)."""
+    twin = copy.deepcopy(model)
+    for parent in twin.modules():
+        for name, child in parent.named_children():
+            k = _plain_avg_pool(child)
+            if k is not None:
+                setattr(parent, name, MeanPool(k))
+    return twin
+
+
+def make_gradient(template: nn.Module, kind: str, dtype: torch.dtype = torch.float32) -> Callable:
+    """(params, buffers, images, targets, scale) -> (gradient, loss) of scale * summed loss,
+    plain (uncompiled): scale = 1 / batch gives the batch mean over its micro-batches."""
+    criterion = _criterion(kind)
+    device_type = next(template.parameters()).device.type
+    low = dtype != torch.float32
+
+    def gradient(params: dict, buffers: dict, x: torch.Tensor, targets: tuple, scale: torch.Tensor):
+        def loss_of(p):
+            with torch.autocast(device_type, dtype=dtype, enabled=low):
+                logits = functional_call(template, (p, buffers), (x,))
+            return criterion(logits.float(), targets) * scale
+
+        return grad_and_value(loss_of)(params)
+    return gradient
+
+
+def make_update(momentum: float, weight_decay: float) -> Callable:
+    """(params, momenta, grads, lr) -> (params, momenta): torch.optim.SGD's rule (dampening 0,
+    no Nesterov; a zero momentum buffer makes the first step buf = d_p, as SGD does)."""
+    def update(params: dict, momenta: dict, grads: dict, lr: torch.Tensor):
+        new_m = {k: momentum * momenta[k] + (grads[k] + weight_decay * params[k]) for k in params}
+        return {k: params[k] - lr * new_m[k] for k in params}, new_m
+    return update
+
+
+@dataclass(frozen=True)
+class _Key:
+    architecture: str
+    device: str
+    kind: str
+    momentum: float
+    weight_decay: float
+    dtype: torch.dtype
+    stacked: bool
+    compiled: bool
+
+
+_STEPS: dict[_Key, tuple[Callable, Callable]] = {}
+
+
+def step_functions(template: nn.Module, kind: str, momentum: float, weight_decay: float, *,
+                   dtype: torch.dtype = torch.float32, stacked: bool = False,
+                   compiled: bool = True) -> tuple[Callable, Callable]:
+    """(gradient, update) for `template`'s architecture, vmapped over a leading member
+    dimension when `stacked`, compiled (fullgraph) when `compiled`. Cached per architecture and
+    recipe, so every model of that architecture reuses the same graphs."""
+    device = next(template.parameters()).device
+    key = _Key(repr(template), str(device), kind, momentum, weight_decay, dtype, stacked, compiled)
+    if key not in _STEPS:
+        # A private copy (the cache must not keep or see a caller's model); compiled, with the
+        # pooling inductor fuses (eager, avg_pool2d's own kernels are the faster ones).
+        gradient = make_gradient(fast_twin(template) if compiled else copy.deepcopy(template), kind, dtype)
+        update = make_update(momentum, weight_decay)
+        if stacked:
+            gradient = torch.vmap(gradient, in_dims=(0, 0, 0, 0, None))
+            update = torch.vmap(update)
+        if compiled:
+            gradient = torch.compile(_own_code(gradient), fullgraph=True)
+            update = torch.compile(_own_code(update), fullgraph=True)
+        _STEPS[key] = (gradient, update)
+    return _STEPS[key]
+
+
+def _own_code(fn: Callable) -> Callable:
+    """fn behind a trampoline with a code object of its own. Dynamo keeps its compiled graphs
+    (and its recompile limit of 8) per code object; without this every architecture's step
+    would share one cache, and a process training many architectures would hit the limit."""
+    def call(*args):
+        return fn(*args)
+    return types.FunctionType(call.__code__.replace(), call.__globals__, "step", None, call.__closure__)
+
+
+def resolve_stacking(stacking: str, device: torch.device) -> str:
+    """auto: vmap on CUDA (one launch fills the GPU), the member loop on CPU (measured faster)."""
+    if stacking not in STACKINGS:
+        raise ValueError(f"stacking must be one of {', '.join(STACKINGS)}, got {stacking!r}")
+    if stacking == "auto":
+        return "vmap" if device.type == "cuda" else "loop"
+    return stacking
+
+
+def largest_activation(model: nn.Module, sample: torch.Tensor) -> int:
+    """Elements of the largest module output for one image (a shape probe, no grad)."""
+    sizes = [0]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(sample[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(sizes)
+
+
+def micro_batch(model: nn.Module, sample: torch.Tensor, setting: int | None, compiled: bool = True) -> int | None:
+    """Images per micro-batch: the section's setting, else for a compiled step on CPU what fits
+    CPU_CACHE_BYTES; None: the whole batch at once (GPUs; eager steps, where the extra
+    dispatches cost more than the cache saves)."""
+    if setting is not None:
+        return setting
+    if sample.device.type != "cpu" or not compiled:
+        return None
+    return max(1, CPU_CACHE_BYTES // (4 * largest_activation(model, sample)))
+
+
+@dataclass
+class _State:
+    """The tensors one training (or a stack of them, along dim 0) carries between steps."""
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    momenta: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _State:
+        params = {k: p.detach().clone() for k, p in model.named_parameters()}
+        return cls(params, {k: b.detach() for k, b in model.named_buffers()},
+                   {k: torch.zeros_like(p) for k, p in params.items()})
+
+    @classmethod
+    def stack(cls, states: list[_State]) -> _State:
+        def stacked(name: str) -> dict:
+            parts = [getattr(s, name) for s in states]
+            return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+        return cls(stacked("params"), stacked("buffers"), stacked("momenta"))
+
+    def load_into(self, model: nn.Module, index: int | None = None) -> None:
+        """Copy the parameters (member `index` of a stack) into `model`."""
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(self.params[k] if index is None else self.params[k][index])
+
+
+@contextlib.contextmanager
+def _matmul_precision(device: torch.device, dtype: torch.dtype, precision: str):
+    """TF32 matmuls and convolutions for fp32 work on CUDA unless precision says strict fp32."""
+    if device.type != "cuda" or dtype != torch.float32 or precision == "fp32":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _canonical(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """x in one fixed layout with canonical strides. Dynamo guards on strides, and the
+    augmentations return varying ones (DSA's crop permutes; a 1-channel image counts as
+    contiguous in either layout but its strides differ), each of which would recompile."""
+    want = torch.empty(x.shape, device="meta").contiguous(memory_format=layout).stride()
+    if x.stride() == want:
+        return x
+    return torch.empty_strided(x.shape, want, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _chunks(n: int, size: int | None) -> list[slice]:
+    size = size or n
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _accumulate(total: dict | None, part: dict) -> dict:
+    if total is None:
+        return part
+    torch._foreach_add_(list(total.values()), list(part.values()))
+    return total
+
+
+def train_group(members, sources, section, *, epochs: int, batch_size: int, classifier_size: int | None,
+                device: torch.device, eval_data, eval_every: int, progress: bool) -> list[TrainHistory]:
+    """The fast engine's loop over a group of members (lgd.training.trainer.Member) with equal
+    architecture and data size; called by lgd.training.train_classifiers."""
+    from lgd.acceleration import resolve_precision
+    from lgd.training.trainer import accuracies, true_class_probability
+
+    models = [m.model for m in members]
+    dtype = resolve_precision(section.precision, device)
+    stacked = resolve_stacking(section.stacking, device) == "vmap" and len(members) > 1
+    kind = "mixed" if section.recipe == "hard_label" else "ce"
+    gradient, update = step_functions(models[0], kind, section.momentum, section.weight_decay, dtype=dtype,
+                                      stacked=stacked, compiled=section.compile)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    milestones, factor = lr_milestones(section.recipe, epochs)
+    generators = [torch.Generator().manual_seed(m.seed) for m in members]  # CPU, as the reference loop
+    augments = [augmenter(section.recipe, model, g) for model, g in zip(models, generators)]
+    states = [_State.of(model) for model in models]
+    group = _State.stack(states) if stacked else None
+    tracked = [Source(m.track, device) if m.track is not None else None for m in members]
+    confidences: list[list[torch.Tensor]] = [[] for _ in members]
+    histories = [TrainHistory(epochs=epochs) for _ in members]
+    chunk: int | None = None
+    lr = section.lr
+
+    def sync_models() -> None:
+        for i, model in enumerate(models):
+            (group or states[i]).load_into(model, i if stacked else None)
+
+    for m in members:
+        if m.on_epoch is not None:
+            m.on_epoch(0, m.model)
+    bar = tqdm(range(1, epochs + 1), desc=f"train {section.recipe}" + (f" x{len(members)}" if len(members) > 1 else ""),
+               unit="epoch", leave=False, disable=not progress)
+    with _matmul_precision(device, dtype, section.precision):
+        for epoch in bar:
+            lr_t = torch.full((len(members),) if stacked else (), lr, device=device)
+            totals = [torch.zeros((), device=device) for _ in members]
+            count = 0
+            for batch in zip(*(s.batches(batch_size, g) for s, g in zip(sources, generators))):
+                views, targets = [], []
+                for (x, y), augment in zip(batch, augments):
+                    x, t = augment(fit_size(x, classifier_size), y)
+                    views.append(_canonical(x, layout))
+                    targets.append(t)
+                b = len(batch[0][1])
+                if chunk is None:
+                    chunk = micro_batch(models[0], views[0], section.micro_batch, section.compile) or b
+                scale = torch.tensor(1.0 / b, device=device)
+                if stacked:
+                    x_all = torch.stack(views)
+                    t_all = tuple(torch.stack(parts) for parts in zip(*targets))
+                    grads, loss = None, 0
+                    for part in _chunks(b, chunk):
+                        g, value = gradient(group.params, group.buffers, x_all[:, part],
+                                            tuple(t[:, part] if t.dim() > 1 else t for t in t_all), scale)
+                        grads, loss = _accumulate(grads, g), loss + value
+                    group.params, group.momenta = update(group.params, group.momenta, grads, lr_t)
+                    for i in range(len(members)):
+                        totals[i] += loss[i].detach() * b
+                else:
+                    for i, (state, x, t) in enumerate(zip(states, views, targets)):
+                        grads, loss = None, 0
+                        for part in _chunks(b, chunk):
+                            g, value = gradient(state.params, state.buffers, x[part],
+                                                tuple(v[part] if v.dim() else v for v in t), scale)
+                            grads, loss = _accumulate(grads, g), loss + value
+                        state.params, state.momenta = update(state.params, state.momenta, grads, lr_t)
+                        totals[i] += loss.detach() * b
+                count += b
+            for h, total in zip(histories, torch.stack(totals).tolist()):  # one host sync per epoch
+                h.lr.append(lr)
+                h.loss.append(total / count)
+            lr *= factor ** milestones.count(epoch)  # as MultiStepLR: the factor after each milestone epoch
+            score = eval_data is not None and (epoch % eval_every == 0 or epoch == epochs)
+            hooks = any(m.on_epoch is not None for m in members)
+            if score or hooks or any(t is not None for t in tracked):
+                sync_models()
+            if score:
+                for h, a in zip(histories, accuracies(models, eval_data, device, classifier_size=classifier_size)):
+                    h.test_epochs.append(epoch)
+                    h.test_accuracy.append(a)
+            for i, source in enumerate(tracked):
+                if source is not None:
+                    confidences[i].append(true_class_probability(models[i], source, device,
+                                                                 classifier_size=classifier_size))
+            for m in members:
+                if m.on_epoch is not None:
+                    m.on_epoch(epoch, m.model)
+            bar.set_postfix(loss=f"{histories[0].loss[-1]:.3f}")
+    sync_models()
+    for h, c, model in zip(histories, confidences, models):
+        if c:
+            h.confidence = torch.stack(c)
+        model.eval()
+    return histories

@@ -1,0 +1,250 @@
+"""The fast training engine against the reference loop, and groups against lone trainings.
+
+Tolerance: two fp32 trainings that differ only in float rounding drift apart as training
+amplifies the rounding. The yardstick is the reference's own sensitivity: the reference run
+again from initial weights perturbed by 1e-7 relative (fp32 rounding scale). The fast engine
+reorders floats (micro-batch sums, fused update, inductor's kernels) but computes the same
+thing, so its distance to the reference must stay within a small multiple of that drift.
+"""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from lgd.classifiers import build_classifier
+from lgd.config import TrainSection, load_config
+from lgd.errors import ConfigError
+from lgd.training import Member, accuracies, accuracy, train_classifier, train_classifiers
+from lgd.training.fast import micro_batch, step_functions
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data(n=24, size=16, channels=1, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat(n // classes)
+    x = 0.3 * torch.rand(n, channels, size, size, generator=g)
+    for c in range(classes):  # a learnable signal: a bright quadrant per class
+        x[y == c, :, (c // 2) * size // 2:(c // 2 + 1) * size // 2, (c % 2) * size // 2:(c % 2 + 1) * size // 2] += 0.6
+    return x.clamp(0, 1), y
+
+
+def net(name="convnet3", channels=1, size=16, seed=0, width=8):
+    torch.manual_seed(seed)
+    return build_classifier(name, channels, 4, size, width=width)
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def perturbed(model, rel=1e-7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(1 + rel * torch.randn(p.shape, generator=g))
+    return out
+
+
+def trained(model, train, section, **kw):
+    model = copy.deepcopy(model)
+    history = train_classifier(model, train, section, seed=5, progress=False, **kw)
+    return model, history
+
+
+def assert_same_training(fast, ref, drift, hf, hr, factor=20):
+    """fast within `factor` x the reference's own rounding drift (plus an fp32 floor)."""
+    err = (flat(fast) - flat(ref)).abs().max().item()
+    bound = factor * drift + 1e-6 * flat(ref).abs().max().item()
+    assert err <= bound, f"fast differs from reference by {err:.3g}, bound {bound:.3g} (drift {drift:.3g})"
+    assert hf.lr == hr.lr
+    assert torch.allclose(torch.tensor(hf.loss), torch.tensor(hr.loss), rtol=1e-3, atol=1e-5)
+
+
+CASES = [  # (network, channels, size, recipe)
+    ("convnet3", 1, 16, "dc"),
+    ("convnet3", 3, 16, "hard_label"),
+    ("convnet3", 1, 16, "plain"),
+    ("convnet6", 1, 16, "dc"),
+    ("resnet_ap10", 3, 32, "hard_label"),
+    ("resnet_ap10", 1, 32, "plain"),
+]
+
+
+@pytest.mark.parametrize("network,channels,size,recipe", CASES)
+def test_fast_engine_trains_the_reference_model(network, channels, size, recipe):
+    train = data(size=size, channels=channels)
+    section = TrainSection(network=network, recipe=recipe, epochs=4, batch_size=10, micro_batch=4)
+    reference = dataclasses.replace(section, engine="reference")
+    model = net(network, channels, size)
+    ref, hr = trained(model, train, reference)
+    drift = (flat(trained(perturbed(model), train, reference)[0]) - flat(ref)).abs().max().item()
+    fast, hf = trained(model, train, section)
+    assert_same_training(fast, ref, drift, hf, hr)
+    assert not fast.training
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["dc", "hard_label"])
+def test_compiled_fast_engine_trains_the_reference_model(recipe):
+    train = data(n=20, size=16, channels=3)
+    section = TrainSection(network="convnet3", recipe=recipe, epochs=3, batch_size=8, compile=True)
+    reference = dataclasses.replace(section, engine="reference", compile=False)
+    model = net("convnet3", 3, 16)
+    ref, hr = trained(model, train, reference)
+    drift = (flat(trained(perturbed(model), train, reference)[0]) - flat(ref)).abs().max().item()
+    fast, hf = trained(model, train, section)
+    assert_same_training(fast, ref, drift, hf, hr)
+
+
+def test_one_step_gradient_matches_autograd():
+    """The functional gradient (micro-batched sum) equals loss.backward() on the batch mean."""
+    import torch.nn.functional as F
+
+    model = net("convnet3", 3, 16)
+    x, y = data(n=12, size=16, channels=3)
+    gradient, _ = step_functions(model, "ce", 0.9, 5e-4, compiled=False)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    scale = torch.tensor(1 / 12)
+    g1, l1 = gradient(params, buffers, x[:5], (y[:5],), scale)
+    g2, l2 = gradient(params, buffers, x[5:], (y[5:],), scale)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert torch.allclose(l1 + l2, loss.detach(), rtol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(g1[k] + g2[k], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batch_follows_the_cache_budget():
+    model = net("convnet3", 1, 32, width=32)
+    x = torch.rand(2, 1, 32, 32)
+    assert micro_batch(model, x, None) == (4 << 20) // (4 * 32 * 32 * 32)  # the first conv's output
+    assert micro_batch(model, x, 7) == 7
+
+
+def test_hooks_and_histories_match_the_reference():
+    """on_epoch sees the current weights, eval and track curves are the reference's."""
+    train, test = data(), data(n=16, seed=9)
+    section = TrainSection(network="convnet3", recipe="dc", epochs=3, batch_size=10, micro_batch=5)
+    model = net()
+    runs = {}
+    for engine in ("reference", "fast"):
+        snaps = []
+        m = copy.deepcopy(model)
+        h = train_classifier(m, train, dataclasses.replace(section, engine=engine), seed=5, progress=False,
+                             on_epoch=lambda e, mm: snaps.append(flat(mm).clone()), eval_data=test,
+                             track=train, eval_every=2)
+        runs[engine] = (snaps, h)
+    (s_ref, h_ref), (s_fast, h_fast) = runs["reference"], runs["fast"]
+    assert len(s_fast) == len(s_ref) == 4
+    for a, b in zip(s_fast, s_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert h_fast.test_epochs == h_ref.test_epochs == [2, 3]
+    assert h_fast.test_accuracy == h_ref.test_accuracy
+    torch.testing.assert_close(h_fast.confidence, h_ref.confidence, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ groups
+
+
+def group(seeds, stacking, models=None, datas=None, section=None):
+    section = section or TrainSection(network="convnet3", recipe="dc", epochs=3, batch_size=10, micro_batch=4,
+                                      stacking=stacking)
+    models = models or [net(seed=s) for s in seeds]
+    datas = datas or [data(seed=s) for s in seeds]
+    members = [Member(copy.deepcopy(m), d, seed) for m, d, seed in zip(models, datas, seeds)]
+    histories = train_classifiers(members, section, progress=False)
+    return [m.model for m in members], histories, models, datas, section
+
+
+@pytest.mark.parametrize("stacking", ["loop", "vmap"])
+def test_group_members_equal_lone_trainings(stacking):
+    seeds = [1, 2, 3]
+    trained_models, histories, models, datas, section = group(seeds, stacking)
+    for model, history, init, d, seed in zip(trained_models, histories, models, datas, seeds):
+        alone = copy.deepcopy(init)
+        lone_history = train_classifier(alone, d, dataclasses.replace(section, stacking="loop"), seed=seed,
+                                        progress=False)
+        if stacking == "loop":
+            assert torch.equal(flat(model), flat(alone))
+        else:
+            torch.testing.assert_close(flat(model), flat(alone), rtol=1e-4, atol=1e-6)
+        assert history.loss == pytest.approx(lone_history.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("stacking", ["loop", "vmap"])
+def test_group_members_do_not_leak(stacking):
+    a, _, models, datas, section = group([1, 2, 3], stacking)
+    b, *_ = group([1, 7, 3], stacking, models=models, datas=datas, section=section)
+    assert torch.equal(flat(a[0]), flat(b[0])) and torch.equal(flat(a[2]), flat(b[2]))
+    assert not torch.equal(flat(a[1]), flat(b[1]))
+
+
+def test_group_refuses_mismatched_members():
+    members = [Member(net(), data(n=24), 1), Member(net(), data(n=20), 2)]
+    with pytest.raises(ConfigError, match="share the architecture"):
+        train_classifiers(members, TrainSection(network="convnet3", recipe="dc", epochs=1), progress=False)
+
+
+def test_accuracies_scores_every_model_in_one_pass():
+    test = data(n=16, seed=4)
+    models = [net(seed=s) for s in (1, 2)]
+    assert accuracies(models, test) == pytest.approx([accuracy(m, test) for m in models])
+
+
+def test_engine_fields_are_validated():
+    with pytest.raises(ConfigError, match="engine must be fast or reference"):
+        load_config("demo", ["eval.recipe.engine=turbo"])
+    with pytest.raises(ConfigError, match="cannot be combined with compile"):
+        load_config("demo", ["eval.recipe.engine=reference", "eval.recipe.compile=true"])
+    with pytest.raises(ConfigError, match="stacking"):
+        load_config("demo", ["lgd.stage_model.stacking=grouped"])
+    assert load_config("demo", ["eval.recipe.engine=reference", "eval.recipe.compile=false"]).eval.recipe.engine == "reference"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k,shape", [(2, (3, 4, 8, 8)), (2, (2, 5, 7, 9)), (4, (2, 3, 16, 16))])
+def test_mean_pool_matches_avg_pool(k, shape, dtype):
+    """MeanPool (fast twin) against nn.AvgPool2d, forward and backward, by the flash rule:
+    |fast - ref64| <= 2 |ref_dtype - ref64| + atol."""
+    from lgd.training.fast import MeanPool
+
+    x64 = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().to(dtype).requires_grad_(True)
+    g = torch.randn_like(nn_avg(k)(x64))
+    outs = {}
+    for name, pool, inp in (("ref64", nn_avg(k), x64), ("ref", nn_avg(k), x), ("fast", MeanPool(k), x)):
+        inp.grad = None
+        y = pool(inp)
+        y.backward(g.to(y.dtype))
+        outs[name] = (y.detach().double(), inp.grad.detach().double())
+    atol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    for i in range(2):
+        ref_err = (outs["ref"][i] - outs["ref64"][i]).abs().max()
+        assert (outs["fast"][i] - outs["ref64"][i]).abs().max() <= 2 * ref_err + atol
+
+
+def nn_avg(k):
+    return torch.nn.AvgPool2d(k)
+
+
+def test_fast_twin_swaps_only_plain_average_pools():
+    from lgd.training.fast import MeanPool, fast_twin
+
+    for name, ch, size in (("convnet3", 1, 32), ("resnet_ap10", 3, 32), ("resnet18", 3, 32)):
+        model = build_classifier(name, ch, 4, size, width=8)
+        twin = fast_twin(model)
+        pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
+        assert sum(isinstance(m, MeanPool) for m in twin.modules()) == len(pools)
+        assert [k for k, _ in twin.named_parameters()] == [k for k, _ in model.named_parameters()]
+        x = torch.rand(2, ch, size, size)
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-6)
