@@ -494,7 +494,104 @@ def projection_section(benchmarks: list[dict], tops: dict[int, float]) -> list[s
     return lines
 
 
-KNOWN = {"mm", "guided_step", "guided_sampling", "guided_step_memory", "flop_count"}
+TRAINING_GOALS = {"demo": 2.5, "nette": 1.5}  # best fast/group images/s over reference (the training issue)
+# Assumed H100 utilisation of classifier training: one small-batch model at a time (batch 64
+# ConvNets, short kernels, host overhead) and a vmap group of models (one wide launch).
+TRAIN_UTIL_LONE, TRAIN_UTIL_GROUP = 0.25, 0.40
+
+
+def training_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
+    runs = by_kernel(benchmarks, "training")
+    if not runs:
+        return []
+    top = max(tops.values()) if tops else None
+    lines = ["## Classifier training", "",
+             "`benchmarks/bench_training.py`: `train_classifiers` from fresh models; images/s counts every "
+             "member's training images. GFLOP/s from the per-image forward + backward FLOPs (FlopCounterMode, "
+             "meta device); % ceiling against the fp32 matmul ceiling above.", ""]
+    for name, group in grouped(runs).items():
+        ref = next((b for b in group if b["extra_info"]["provider"] == "reference"), None)
+        rows = []
+        for b in group:
+            e = b["extra_info"]
+            rate = ips(b)
+            flops = rate * e["flops_per_image"]
+            rows.append([e["provider"], e["members"], fmt(rate), fmt(rate / ips(ref), 2) + "x" if ref else "",
+                         fmt(flops / 1e9), f"{flops / top:.0%}" if top else "",
+                         fmt(e.get("first_call_s"), 2) if e.get("first_call_s") is not None else ""])
+        e0 = group[0]["extra_info"]
+        lines += [f"### {name}", "",
+                  f"{e0['network']} width {e0['width']} at {e0['size']} px, {e0['channels']} channel(s), "
+                  f"{e0['images']} images, {e0['recipe']} recipe, {e0['epochs']} epoch(s) per call, "
+                  f"{e0['flops_per_image'] / 1e6:,.1f} MFLOP per training image.", ""]
+        lines += table(["provider", "members", "images/s", "x reference", "GFLOP/s", "% ceiling", "first call s"], rows)
+        config = e0["config"]
+        if ref and config in TRAINING_GOALS:
+            best = max((b for b in group if b is not ref), key=ips, default=None)
+            if best is not None:
+                ratio = ips(best) / ips(ref)
+                goal = TRAINING_GOALS[config]
+                lines += [f"Goal: >= {goal}x the reference. Best: {best['extra_info']['provider']} at "
+                          f"{ratio:.2f}x ({'met' if ratio >= goal else 'not met'}).", ""]
+    return lines
+
+
+def training_projection(benchmarks: list[dict]) -> list[str]:
+    """Whole nette run (IPC 50 and 100) on one H100: sampling (as above) plus every training."""
+    counted = by_kernel(benchmarks, "training_flop_count")
+    sampling = by_kernel(benchmarks, "flop_count")
+    if not counted:
+        return []
+    f = counted[0]["extra_info"]["flops_per_image"]
+    train_images, test_images, classes = 9469, 3925, CLASSES  # ImageNette train / val, 10 classes
+    lines = ["## Projection: a whole ImageNette run on one H100", "",
+             "Image-steps (one training image through forward + backward) of every classifier training in "
+             "the `nette` preset's distill, evaluate and analyze, times the per-image FLOPs counted by "
+             "bench_training.py at 224 px: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP" for k, v in f.items()) + ". "
+             "Test scoring counts a third of a training image per test image (forward only).", ""]
+    rows = []
+    for ipc in (50, 100):
+        epochs = lambda n_ipc: 2000 if n_ipc <= 10 else 1500 if n_ipc <= 50 else 1000  # hard_label by IPC
+        stages = ipc // 10
+        distill = 50 * train_images + 50 * train_images  # reference model (50 epochs) + IGD surrogate (50 epochs)
+        distill += sum(10 * k * classes * epochs(10 * k) for k in range(1, stages))  # stage models on D_1..D_{K-1}
+        per_training = ipc * classes * epochs(ipc)
+        evaluate = {net: 4 * 3 * per_training for net in f}  # 4 sets x 3 runs per network
+        per_set = stages * 10 * classes * epochs(10)  # cross-increment: one model per increment
+        phase = epochs(ipc) // stages
+        per_set += sum(phase * 10 * k * classes for k in range(1, stages + 1))  # dynamics training
+        per_set += epochs(ipc) * test_images / 3  # dynamics: the test set scored every epoch
+        per_set += per_training + epochs(ipc) * ipc * classes / 3  # cartography + its per-epoch tracking
+        analyze = 3 * per_set  # lgd, dit, igd on convnet6
+        pf = lambda steps, net="convnet6": steps * f[net] / 1e15
+        d, e, a = pf(distill), sum(pf(v, n) for n, v in evaluate.items()), pf(analyze)
+        sample = None
+        if sampling:
+            c = {k: v["total"] for k, v in sampling[0]["extra_info"]["counts"].items()}
+            nette = sampling[0]["extra_info"]["nette"]
+            n = nette["steps"]
+            g_l = nette["lgd_window"][1] - nette["lgd_window"][0] + 1
+            g_i = nette["igd_window"][1] - nette["igd_window"][0] + 1
+            per_cand = g_l * c["lgd_step"] + (n - g_l) * c["unguided_step"] + c["decode_and_score"]
+            per_seed = g_i * c["igd_step"] + (n - g_i) * c["unguided_step"] + c["decode"]
+            sample = ((stages - 1) * classes * 10 * 3 * per_cand + classes * 10 * per_seed) / 1e15
+        fp32_h = (d + e + a) * 1e15 / (H100_FP32 * 0.5) / 3600
+        lone = (d + e + a) * 1e15 / (H100_BF16 * TRAIN_UTIL_LONE) / 3600
+        grouped_h = (d * 1e15 / (H100_BF16 * TRAIN_UTIL_LONE) + (e + a) * 1e15 / (H100_BF16 * TRAIN_UTIL_GROUP)) / 3600
+        samp_h = sample * 1e15 / (H100_BF16 * UTILISATION) / 3600 if sample is not None else 0.0
+        rows.append([ipc, fmt(sample, 3) if sample is not None else "", fmt(d, 3), fmt(e, 3), fmt(a, 3),
+                     fmt(fp32_h + samp_h, 2), fmt(lone + samp_h, 2), fmt(grouped_h + samp_h, 2)])
+    lines += table(["IPC", "sampling PFLOP", "distill training PFLOP", "evaluate PFLOP", "analyze PFLOP",
+                    "H100 h: fp32 training", "H100 h: bf16, one at a time", "H100 h: bf16, groups"], rows)
+    lines += ["", f"Utilisation assumed, not measured (no GPU run yet): sampling {UTILISATION:.0%} of the bf16 peak "
+              f"(as above); the reference loop's fp32 training 50 % of the fp32 peak "
+              f"({H100_FP32 / 1e12:.0f} TFLOP/s); the fast engine's bf16 training {TRAIN_UTIL_LONE:.0%} of the bf16 "
+              f"peak for one model at a time (distill's trainings) and {TRAIN_UTIL_GROUP:.0%} for vmap groups "
+              "(evaluate, analyze). Goal on paper: the whole IPC-50 run, evaluate included, within 1 H100-hour.", ""]
+    return lines
+
+
+KNOWN = {"mm", "guided_step", "guided_sampling", "guided_step_memory", "flop_count", "training", "training_flop_count"}
 
 
 def other_section(benchmarks: list[dict]) -> list[str]:
@@ -519,7 +616,8 @@ def render(paths: list[Path]) -> str:
              "python benchmarks/make_table.py bench.json", "```", ""]
     for section in (machine_section(runs, benchmarks), goals_section(benchmarks, tops), matmul_section(benchmarks),
                     step_section(benchmarks, tops), sampling_section(benchmarks), memory_section(benchmarks),
-                    profile_section(benchmarks), projection_section(benchmarks, tops), other_section(benchmarks)):
+                    profile_section(benchmarks), projection_section(benchmarks, tops),
+                    training_section(benchmarks, tops), training_projection(benchmarks), other_section(benchmarks)):
         lines += section
     return "\n".join(lines).rstrip() + "\n"
 

@@ -30,13 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the eval recipe's, by IPC)")
     parser.add_argument("--sets", nargs="+", choices=SETS, help="image sets (default: lgd and eval.baselines)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's device)")
+    parser.add_argument("--partial", action="store_true", help="evaluate a run that has not finished (no done.json)")
+    parser.add_argument("overrides", nargs="*", metavar="eval.key=value",
+                        help="change how to evaluate, e.g. eval.recipe.engine=reference eval.recipe.compile=false")
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    from lgd.evaluation import evaluate_run, load_run_config, resolve_device, write_report
+    from lgd.evaluation import check_finished, evaluate_run, load_run_config, resolve_device, write_report
     from lgd.runtime import Runtime
 
-    config = load_run_config(args.run_dir)
+    config = load_run_config(args.run_dir, args.overrides)
+    check_finished(args.run_dir, args.partial)
     runtime = Runtime()
     try:
         name = args.device or config.device

@@ -1,5 +1,10 @@
 """Evaluation protocol, analyses and report on a tiny fake run directory (CPU, seconds)."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -75,6 +80,7 @@ def run_dir(tmp_path):
                  "recipe": {"recipe": "plain", "epochs": 1, "batch_size": 8}},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
+    write_json(run / "done.json", {"images": 20, "stages": 2})  # a finished run
     return run
 
 
@@ -243,3 +249,90 @@ def test_analyze_command(run_dir, capsys):
 def test_synthetic_set_helper_types():
     s = SyntheticSet(torch.rand(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 1, 1]))
     assert increment_ids(s, 1).tolist() == [1, 2, 1, 2]
+
+
+# ------------------------------------------------------------------ resume, refusals, groups
+
+
+def evaluate(run, config, **kw):
+    return evaluate_run(run, config, train_data=tiny_data(), test_data=tiny_data(seed=1),
+                        model_overrides={"width": 8}, progress=False, **kw)
+
+
+def test_a_rerun_reuses_finished_trainings_and_retrains_stale_ones(run_dir, monkeypatch):
+    config = load_run_config(run_dir)
+    first = evaluate(run_dir, config)
+    records = sorted((run_dir / "eval" / "trainings").glob("*.json"))
+    assert len(records) == 6  # convnet3 x (random, dit, lgd) x 2 runs
+
+    import lgd.evaluation.protocol as protocol
+
+    trained = []
+    real = protocol.train_classifiers
+    monkeypatch.setattr(protocol, "train_classifiers", lambda members, *a, **k: (trained.extend(members), real(members, *a, **k))[1])
+    records[0].unlink()  # as if killed before this training finished
+    again = evaluate(run_dir, config)
+    assert again["accuracy"] == first["accuracy"] and len(trained) == 1
+
+    trained.clear()  # another recipe: every record is stale
+    changed = load_run_config(run_dir, ["eval.recipe.epochs=2"])
+    evaluate(run_dir, changed)
+    assert len(trained) == 6
+
+
+@pytest.mark.parametrize("stacking", ["loop", "vmap"])
+def test_groups_give_the_one_at_a_time_table(run_dir, stacking):
+    alone = evaluate(run_dir, load_run_config(run_dir))["accuracy"]
+    grouped = load_run_config(run_dir, ["eval.recipe.group_size=4", f"eval.recipe.stacking={stacking}",
+                                        "eval.recipe.epochs=1"])
+    for path in (run_dir / "eval" / "trainings").glob("*.json"):
+        path.unlink()
+    together = evaluate(run_dir, grouped)["accuracy"]
+    if stacking == "loop":
+        assert together == alone
+    else:  # vmap reorders floats; accuracies are counts of 30 test images, so equal or one image apart
+        for net, cells in alone.items():
+            for name, cell in cells.items():
+                assert together[net][name]["runs"] == pytest.approx(cell["runs"], abs=100 / 30 + 1e-9)
+
+
+def test_evaluate_refuses_an_unfinished_or_empty_run(run_dir, capsys):
+    (run_dir / "done.json").unlink()
+    assert main(["evaluate", str(run_dir), "--device", "cpu"]) == 2
+    assert "not a finished run" in capsys.readouterr().err and not (run_dir / "eval").exists()
+    assert main(["analyze", str(run_dir), "--device", "cpu"]) == 2
+    assert "--partial" in capsys.readouterr().err
+    for path in (run_dir / "records").rglob("*.json"):
+        path.unlink()
+    assert main(["evaluate", str(run_dir), "--partial", "--device", "cpu"]) == 2
+    assert "no finished image" in capsys.readouterr().err and not (run_dir / "eval").exists()
+
+
+def test_evaluate_overrides_only_eval_fields(run_dir):
+    assert load_run_config(run_dir, ["eval.recipe.engine=reference"]).eval.recipe.engine == "reference"
+    with pytest.raises(ConfigError, match="only eval"):
+        load_run_config(run_dir, ["stages.ipc=4"])
+
+
+@pytest.mark.slow
+def test_evaluate_killed_mid_way_then_rerun_matches_an_uninterrupted_one(run_dir, tmp_path):
+    """SIGKILL once the first training is recorded, run the same command again: same results.json."""
+    command = [sys.executable, "-m", "lgd", "evaluate", str(run_dir), "--runs", "3", "--device", "cpu",
+               "eval.recipe.epochs=40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    uninterrupted = json.loads((run_dir / "eval" / "results.json").read_text())["accuracy"]
+    for path in (run_dir / "eval").rglob("*.json"):
+        path.unlink()
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainings = run_dir / "eval" / "trainings"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (trainings.is_dir() and any(trainings.glob("*.json"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_with = len(list(trainings.glob("*.json")))
+    assert 1 <= killed_with < 9, "the kill should land mid-way"
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["accuracy"] == uninterrupted

@@ -44,7 +44,7 @@ from lgd.evaluation.protocol import (
 from lgd.files import atomic_path, read_json, write_json
 from lgd.rundir import SyntheticSet
 from lgd.seeding import derive_seed
-from lgd.training import accuracy, default_epochs, train_classifier
+from lgd.training import Member, accuracy, default_epochs, train_classifier, train_classifiers
 
 ANALYSES = ("cross", "dynamics", "cartography")
 EASY, HARD, VARIABLE = 0.75, 0.25, 0.2
@@ -73,14 +73,16 @@ def cross_increment_matrix(
 ) -> dict:
     """K x K matrix (rows: trained on, columns: tested on), in percent."""
     ks = sorted(torch.unique(increments).tolist())
-    matrix = []
-    for a in tqdm(ks, desc="cross-increment", unit="increment", disable=not progress):
-        model = make_model(derive_seed(seed, "cross", a))
-        mask = increments == a
-        train_classifier(model, (images[mask], labels[mask]), section, classifier_size=classifier_size,
-                         seed=derive_seed(seed, "cross", a), device=device, progress=progress)
-        matrix.append([_percent(model, images[increments == b], labels[increments == b], device, classifier_size)
-                       for b in ks])
+    members = [Member(make_model(derive_seed(seed, "cross", a)), (images[increments == a], labels[increments == a]),
+                      derive_seed(seed, "cross", a)) for a in ks]
+    sizes = {len(m.data[1]) for m in members}
+    # One group when the increments are of one size (the usual case), else one training each.
+    limit = section.group_size or (len(members) if len(sizes) == 1 else 1)
+    for start in tqdm(range(0, len(members), limit), desc="cross-increment", unit="group", disable=not progress):
+        train_classifiers(members[start : start + limit], section, classifier_size=classifier_size, device=device,
+                          progress=progress)
+    tests = [(images[increments == b], labels[increments == b]) for b in ks]
+    matrix = [[_percent(m.model, *test, device, classifier_size) for test in tests] for m in members]
     m = torch.tensor(matrix, dtype=torch.float64)
     off = ~torch.eye(len(ks), dtype=torch.bool)
     return {

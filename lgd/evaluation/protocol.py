@@ -7,13 +7,23 @@ of the same IPC) -- train `runs` classifiers from scratch with the config's eval
 and report the mean and (population) standard deviation of top-1 accuracy, in percent, on the
 real test split. The Random baseline draws a fresh subset for every run, so its spread
 includes the choice of images. Results go to RUN/eval/results.json, rewritten atomically after
-each (network, set) so a long evaluation leaves usable partial results.
+each group of trainings so a long evaluation leaves usable partial results.
+
+Resume: every finished training is recorded atomically in RUN/eval/trainings/ with what its
+accuracy depends on (network, set, run, seed, recipe, sizes, a fingerprint of the images); the
+same command run again reuses the records that still match and trains only the rest, so a
+killed evaluation loses at most the trainings in flight and ends with the same results.json.
+
+Groups: trainings of one network on sets of equal size are trained together
+(lgd.training.train_classifiers; eval.recipe.group_size members at most, by default one at a
+time on CPU and as many as memory holds with vmap stacking on a GPU) and scored in one pass
+over the test set.
 
 Test images: loaded at data.image_size like the synthetic ones, then centre-cropped to the
 classifier size (IDC / Minimax test transform: resize 256, centre crop 224).
 
-On several processes (a Runtime of world > 1) the trainings (network x set x run) are dealt
-round-robin over the ranks, one round of `world` trainings at a time; the accuracies are
+On several processes (a Runtime of world > 1) the groups of trainings are dealt round-robin
+over the ranks, one round of `world` groups at a time; the accuracies are
 gathered after each round and the main process writes. A training's seed depends only on the
 network and the run, so the table is that of one process. With eval.recipe.distributed the
 ranks instead train each model together (DDP), one after the other.
@@ -21,6 +31,7 @@ ranks instead train each model together (DDP), one after the other.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,10 +46,12 @@ from tqdm.auto import tqdm
 from lgd.classifiers import build_classifier, canonical_name
 from lgd.config import Config, load_config
 from lgd.errors import ConfigError, DataError
-from lgd.files import write_json
+from lgd.files import read_json, write_json
 from lgd.rundir import SyntheticSet, load_synthetic
 from lgd.seeding import derive_seed
-from lgd.training import accuracy, train_classifier
+from lgd.training import Member, accuracies, train_classifiers
+from lgd.training.recipes import DC_BATCH_SIZE
+from lgd.training.fast import default_group_size
 
 if TYPE_CHECKING:
     from lgd.runtime import Runtime
@@ -62,16 +75,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_run_config(run: str | Path) -> Config:
-    """RUN/config.yaml, validated. Evaluation never loads the generator, so its weights need
-    not exist on this machine: the model paths are replaced by the embedded demo ones."""
+def load_run_config(run: str | Path, overrides: list[str] | None = None) -> Config:
+    """RUN/config.yaml, validated, with `eval.key=value` overrides (how to evaluate; the fields
+    that define the images are the run's and cannot be overridden here). Evaluation never
+    loads the generator, so its weights need not exist on this machine: the model paths are
+    replaced by the embedded demo ones."""
     run = Path(run)
+    for item in overrides or []:
+        if not item.startswith("eval."):
+            raise ConfigError(f"override {item!r}: only eval.* fields can be changed for an evaluation "
+                              "(e.g. eval.recipe.engine=reference eval.runs=3)")
     if not run.is_dir():
         raise ConfigError(f"run directory {run} does not exist")
     path = run / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run} is not a run directory (lgd distill writes config.yaml first)")
-    return load_config(path, ["model.dit=demo", "model.vae=demo"])
+    return load_config(path, ["model.dit=demo", "model.vae=demo", *(overrides or [])])
 
 
 def classifier_size(config: Config) -> int:
@@ -163,6 +182,67 @@ def random_subset(train_data, ipc: int, seed: int) -> tuple[torch.Tensor, torch.
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
+TRAININGS = "trainings"  # RUN/eval/trainings/<network>-<set>-run<r>.json: one finished training each
+
+
+def training_path(run: Path, job: tuple[str, str, int]) -> Path:
+    network, name, r = job
+    return run / "eval" / TRAININGS / f"{network}-{name}-run{r}.json"
+
+
+def finished_trainings(run: Path, signatures: dict) -> dict:
+    """Accuracies of the trainings already recorded with exactly these signatures (a changed
+    recipe, set or test split makes a record stale: it is retrained and overwritten)."""
+    done = {}
+    for job, sig in signatures.items():
+        path = training_path(run, job)
+        if path.is_file():
+            record = read_json(path)
+            if {k: record.get(k) for k in sig} == sig and "accuracy" in record:
+                done[job] = record["accuracy"]
+    return done
+
+
+def training_groups(jobs: list, limit_of, size_of) -> list[list]:
+    """Jobs cut into groups trained together: same network and number of images, in job order,
+    at most limit_of(network) each. The groups depend only on the jobs and the limits, never
+    on the number of processes."""
+    groups: dict[tuple, list[list]] = {}
+    order: list[list] = []
+    for job in jobs:
+        limit = limit_of(job[0])
+        key = (job[0], size_of(job))
+        open_groups = groups.setdefault(key, [])
+        if not open_groups or len(open_groups[-1]) >= limit:
+            open_groups.append([])
+            order.append(open_groups[-1])
+        open_groups[-1].append(job)
+    return order
+
+
+def accuracy_cells(scores: dict, networks: list[str], sets: list[str], runs: int) -> dict:
+    """{network: {set: mean, std, runs}} for every (network, set) whose runs are all scored."""
+    cells: dict = {}
+    for network in networks:
+        for name in sets:
+            if all((network, name, r) in scores for r in range(runs)):
+                cell = [scores[(network, name, r)] for r in range(runs)]
+                t = torch.tensor(cell, dtype=torch.float64)
+                cells.setdefault(network, {})[name] = {
+                    "mean": float(t.mean()), "std": float(t.std(unbiased=False)), "runs": cell}
+    return cells
+
+
+def check_finished(run: Path, partial: bool) -> None:
+    """`lgd evaluate` / `lgd analyze` need a finished run (done.json), unless told `partial`,
+    and at least one image either way."""
+    if not (run / "done.json").is_file() and not partial:
+        raise ConfigError(f"{run} is not a finished run (no done.json): finish it with the same `lgd distill` "
+                          "command, or pass --partial to evaluate the images there so far")
+    if not any((run / "records").rglob("*.json")):
+        raise DataError(f"{run} holds no finished image (records/ is empty): nothing to evaluate")
+
+
 def wanted_sets(config: Config, sets: list[str] | None) -> list[str]:
     names = sets if sets is not None else ["lgd", *config.eval.baselines]
     unknown = sorted(set(names) - set(SET_ORDER))
@@ -242,34 +322,59 @@ def evaluate_run(
     out = run / "eval" / "results.json"
     together = section.distributed and world > 1  # each model trained by all ranks (DDP)
     jobs = [(network, name, r) for network in networks for name in available for r in range(runs)]
-    scores: dict[tuple[str, str, int], float] = {}
-    bar = tqdm(total=len(jobs), desc="evaluate", unit="model", disable=not progress)
 
-    def score(job: tuple[str, str, int]) -> float:
+    def signature(job: tuple[str, str, int]) -> dict:
+        """Everything a finished training's accuracy depends on: a record is reused only if equal."""
         network, name, r = job
-        seed = derive_seed(config.seed, "eval", network, r)  # never the rank: the table is the 1-process one
-        bar.set_postfix_str(f"{network} {SET_TITLES[name]} run {r + 1}/{runs}")
-        model = factory(network, seed)
-        train_classifier(model, images_of(name, r), section, classifier_size=size, seed=seed,
-                         device=device, progress=progress, runtime=runtime if together else None)
-        return 100 * accuracy(model, test, device, classifier_size=size)
+        images, labels = images_of(name, r)
+        return {"network": network, "set": name, "run": r, "seed": derive_seed(config.seed, "eval", network, r),
+                "recipe": dataclasses.asdict(section), "classifier_size": size, "model": factory.overrides,
+                "test_images": len(test[1]), "images": len(labels),
+                "fingerprint": float(images.double().sum()) + float(labels.double().sum())}
 
-    split = world > 1 and not together  # rounds of `world` trainings, one per rank
+    signatures = {job: signature(job) for job in jobs}
+    scores = finished_trainings(run, signatures)
+    if scores and writer:
+        log.info("reusing %d finished training(s) from %s", len(scores), run / "eval" / TRAININGS)
+    @functools.cache
+    def group_limit(network: str) -> int:
+        if section.group_size:
+            return section.group_size
+        batch = min(DC_BATCH_SIZE if section.recipe == "dc" else section.batch_size, ipc * num_classes)
+        sample = test[0][:1].to(device)
+        sample = sample.float() / 255 if sample.dtype == torch.uint8 else sample.float()
+        return default_group_size(section, device, factory(network, 0).to(device), sample, batch)
+
+    groups = training_groups([j for j in jobs if j not in scores], group_limit,
+                             size_of=lambda job: signatures[job]["images"])
+    bar = tqdm(total=len(jobs), initial=len(scores), desc="evaluate", unit="model", disable=not progress)
+
+    def train_group(group: list[tuple[str, str, int]]) -> list[tuple[tuple[str, str, int], float]]:
+        """Train the group's classifiers from scratch (one training per job), score them together."""
+        network = group[0][0]
+        bar.set_postfix_str(f"{network} " + ", ".join(f"{SET_TITLES[n]} run {r + 1}/{runs}" for _, n, r in group))
+        members = [Member(factory(network, signatures[job]["seed"]), images_of(job[1], job[2]), signatures[job]["seed"])
+                   for job in group]
+        train_classifiers(members, section, classifier_size=size, device=device, progress=progress,
+                          runtime=runtime if together else None)
+        scored = accuracies([m.model for m in members], test, device, classifier_size=size)
+        return [(job, 100 * a) for job, a in zip(group, scored)]
+
+    split = world > 1 and not together  # rounds of `world` groups, one per rank
     stride = world if split else 1
-    for start in range(0, len(jobs), stride):
-        batch = jobs[start : start + stride]
+    for start in range(0, len(groups), stride):
+        batch = groups[start : start + stride]
         mine = batch[runtime.rank : runtime.rank + 1] if split else batch
-        done = [(job, score(job)) for job in mine]
-        scores.update(runtime.gather(done) if split else done)
-        bar.update(len(batch))
-        finished = [(network, name) for network, name, r in batch if r == runs - 1]  # jobs run in order
-        for network, name in finished:
-            cell = [scores[(network, name, r)] for r in range(runs)]
-            t = torch.tensor(cell, dtype=torch.float64)
-            results["accuracy"].setdefault(network, {})[name] = {
-                "mean": float(t.mean()), "std": float(t.std(unbiased=False)), "runs": cell}
-        if finished and writer:
+        done = [item for group in mine for item in train_group(group)]
+        done = runtime.gather(done) if split else done
+        scores.update(done)
+        bar.update(len(done))
+        if writer:
+            for job, value in done:
+                write_json(training_path(run, job), {**signatures[job], "accuracy": value})
+            results["accuracy"] = accuracy_cells(scores, networks, available, runs)
             write_json(out, results)
+    results["accuracy"] = accuracy_cells(scores, networks, available, runs)
     bar.close()
     if writer:
         write_json(out, results)

@@ -370,3 +370,40 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
             h.confidence = torch.stack(c)
         model.eval()
     return histories
+
+
+def activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
+    """Bytes of every leaf module's output for one image (fp32): what a backward keeps, roughly."""
+    total = [0]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out[0].numel()))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(sample[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return 4 * total[0]
+
+
+def default_group_size(section, device: torch.device, model: nn.Module | None = None,
+                       sample: torch.Tensor | None = None, batch: int | None = None,
+                       free_bytes: int | None = None) -> int:
+    """How many trainings run as one group when section.group_size is unset.
+
+    The member loop (CPU default) and the reference engine gain nothing from grouping and
+    resume at finer grain one training at a time: 1. vmap stacking on CUDA: as many members as
+    half the free memory holds, counting per member 4 copies of the parameters (weights,
+    gradient, momentum, update) and the activations of one batch; 16 without a model to size.
+    """
+    if section.engine != "fast" or resolve_stacking(section.stacking, device) == "loop":
+        return 1
+    if device.type != "cuda" and free_bytes is None:
+        return 16
+    if model is None or sample is None:
+        return 16
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    params = 4 * sum(p.numel() for p in model.parameters())
+    per_member = 4 * params + (batch or section.batch_size) * activation_bytes(model, sample)
+    return int(max(1, min(64, free_bytes // 2 // per_member)))
