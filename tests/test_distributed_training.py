@@ -114,13 +114,16 @@ def fake_run(root: Path) -> Path:
               "eval": {"networks": ["convnet3"], "runs": 1, "baselines": ["random", "dit"],
                        "recipe": {"recipe": "plain", "epochs": 2, "batch_size": 8}}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
+    (root / "done.json").write_text("{}")  # a finished run
     return root
 
 
 @pytest.mark.slow
-def test_evaluate_on_two_processes_gives_the_one_process_table(tmp_path):
-    # random, dit, lgd x 1 run: three trainings, so the second round leaves rank 1 idle.
-    args = ["evaluate", "--sets", "random", "dit", "lgd", "--device", "cpu"]
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_evaluate_on_two_processes_gives_the_one_process_table(tmp_path, group_size):
+    # random, dit, lgd x 1 run: three trainings, in groups of 1 (the second round leaves rank 1
+    # idle) or of 2 (one group per rank: [random, dit] and [lgd]).
+    args = ["evaluate", "--sets", "random", "dit", "lgd", "--device", "cpu", f"eval.recipe.group_size={group_size}"]
     one, two = fake_run(tmp_path / "one" / "run"), fake_run(tmp_path / "two" / "run")  # same name: same report
     seconds = run([sys.executable, "-m", "lgd", *args[:1], str(one), *args[1:]])
     print(f"\n1-process evaluate: {seconds:.1f} s")
