@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -56,6 +57,8 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def ips(b: dict, stat: str = "median") -> float:
+    if "images_per_call" in b["extra_info"]:
+        return b["extra_info"]["images_per_call"] / b["stats"][stat]
     return b["extra_info"]["images"] / b["stats"][stat]
 
 
@@ -607,6 +610,30 @@ def other_section(benchmarks: list[dict]) -> list[str]:
     return lines
 
 
+TRAINING_TITLES = ("## Classifier training", "## Projection: a whole ImageNette run on one H100")
+
+
+def training_sections(paths: list[Path]) -> str:
+    """Only the training sections (with this run's date and load), for --update."""
+    runs, benchmarks = load(paths)
+    tops = ceilings(benchmarks)
+    info = [b["extra_info"] for b in benchmarks if b["extra_info"].get("kernel") == "training"]
+    loads = sorted(i["load_1min"] for i in info if "load_1min" in i)
+    lines = training_section(benchmarks, tops)
+    if lines and loads:
+        lines[1:1] = ["", f"Run {runs[0]['datetime']}, torch {info[0].get('torch', '?')}, "
+                      f"{info[0].get('threads', '?')} threads; 1-minute load {loads[0]:.1f} .. {loads[-1]:.1f}; "
+                      f"matmul ceiling {max(tops.values()) / 1e9:.0f} GFLOP/s in the same run." if tops else ""]
+    return "\n".join(lines + training_projection(benchmarks)).rstrip() + "\n"
+
+
+def splice(existing: str, sections: str) -> str:
+    """`existing` with its training sections (if any) replaced by `sections`, put at the end."""
+    blocks = re.split(r"(?m)^(?=## )", existing)
+    kept = [b for b in blocks if not b.startswith(TRAINING_TITLES)]
+    return "".join(kept).rstrip() + "\n\n" + sections
+
+
 def render(paths: list[Path]) -> str:
     runs, benchmarks = load(paths)
     tops = ceilings(benchmarks)
@@ -626,8 +653,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
     parser.add_argument("-o", "--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the training sections of the existing output (the JSON holds only "
+                             "bench_training.py's rows, plus bench_matmul.py's ceiling and bench_projection.py's counts)")
     args = parser.parse_args(argv)
-    args.out.write_text(render(args.json))
+    if args.update:
+        args.out.write_text(splice(args.out.read_text(), training_sections(args.json)))
+    else:
+        args.out.write_text(render(args.json))
     print(f"wrote {args.out}")
 
 

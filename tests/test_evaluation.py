@@ -336,3 +336,20 @@ def test_evaluate_killed_mid_way_then_rerun_matches_an_uninterrupted_one(run_dir
     assert 1 <= killed_with < 9, "the kill should land mid-way"
     subprocess.run(command, check=True, env=env, capture_output=True)
     assert json.loads((run_dir / "eval" / "results.json").read_text())["accuracy"] == uninterrupted
+
+
+def test_a_rerun_of_analyze_keeps_finished_analyses(run_dir, monkeypatch):
+    config = load_run_config(run_dir)
+    kwargs = dict(sets=["lgd"], epochs=1, dynamics_epochs=1, test_data=tiny_data(seed=1),
+                  model_overrides={"width": 8}, progress=False)
+    first = analyze_run(run_dir, config, **kwargs)["sets"]["lgd"]
+    import lgd.evaluation.analyses as analyses
+
+    calls = []
+    for name in ("train_classifier", "train_classifiers"):
+        real = getattr(analyses, name)
+        monkeypatch.setattr(analyses, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
+    again = analyze_run(run_dir, config, **kwargs)["sets"]["lgd"]
+    assert calls == [] and again == first
+    analyze_run(run_dir, config, **{**kwargs, "epochs": 2})  # another recipe: computed again
+    assert calls

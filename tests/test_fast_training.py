@@ -131,16 +131,19 @@ def test_micro_batch_follows_the_cache_budget():
     assert micro_batch(model, x, 7) == 7
 
 
-def test_hooks_and_histories_match_the_reference():
-    """on_epoch sees the current weights, eval and track curves are the reference's."""
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_hooks_and_histories_match_the_reference(compiled):
+    """on_epoch sees the current weights, eval and track curves are the reference's (compiled:
+    scored by the compiled forward in micro-batches)."""
     train, test = data(), data(n=16, seed=9)
-    section = TrainSection(network="convnet3", recipe="dc", epochs=3, batch_size=10, micro_batch=5)
+    section = TrainSection(network="convnet3", recipe="dc", epochs=3, batch_size=10, micro_batch=5, compile=compiled)
     model = net()
     runs = {}
     for engine in ("reference", "fast"):
         snaps = []
         m = copy.deepcopy(model)
-        h = train_classifier(m, train, dataclasses.replace(section, engine=engine), seed=5, progress=False,
+        h = train_classifier(m, train, dataclasses.replace(section, engine=engine, compile=compiled and engine == "fast"),
+                             seed=5, progress=False,
                              on_epoch=lambda e, mm: snaps.append(flat(mm).clone()), eval_data=test,
                              track=train, eval_every=2)
         runs[engine] = (snaps, h)
@@ -248,3 +251,18 @@ def test_fast_twin_swaps_only_plain_average_pools():
         assert [k for k, _ in twin.named_parameters()] == [k for k, _ in model.named_parameters()]
         x = torch.rand(2, ch, size, size)
         torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_default_group_size_follows_free_memory():
+    from lgd.training.fast import default_group_size, leaf_output_sizes
+
+    cpu = torch.device("cpu")
+    assert default_group_size(TrainSection(), cpu) == 1  # the member loop: one at a time
+    assert default_group_size(TrainSection(engine="reference"), cpu) == 1
+    vmap = TrainSection(network="convnet3", stacking="vmap")
+    model, x = net("convnet3", 1, 32, width=32), torch.rand(1, 1, 32, 32)
+    per_member = 16 * sum(p.numel() for p in model.parameters()) + 100 * 4 * sum(leaf_output_sizes(model, x))
+    free = 40 * per_member  # half of it holds 20 members
+    assert default_group_size(vmap, cpu, model, x, batch=100, free_bytes=free) == 20
+    assert default_group_size(vmap, cpu, model, x, batch=100, free_bytes=1) == 1
+    assert default_group_size(vmap, cpu, model, x, batch=100, free_bytes=10**15) == 64

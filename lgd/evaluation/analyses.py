@@ -238,7 +238,9 @@ def analyze_run(
     progress: bool = True,
 ) -> dict:
     """Run the analyses on each available set and merge them into RUN/eval/analyses.json
-    (earlier results of other sets / analyses are kept); plots go next to it.
+    (earlier results of other sets / analyses are kept); plots go next to it. Each result is
+    written as it finishes with a signature of what it depends on; a rerun keeps the results
+    whose signature still matches and computes only the others.
 
     epochs: training epochs for cross-increment and cartography (default: the eval recipe's,
     by IPC). dynamics_epochs: epochs per increment (default: the recipe's epochs for the
@@ -280,20 +282,32 @@ def analyze_run(
         seed = derive_seed(config.seed, "analysis", name)
         common = dict(classifier_size=size, seed=seed, device=device, progress=progress)
         done = report["sets"].setdefault(name, {})
-        if "cross" in analyses:
+        k = len(torch.unique(increments))
+        per = dynamics_epochs or max(1, (section.epochs or default_epochs(section.recipe, images_per_class(s.labels))) // k)
+        # What each result depends on: a rerun of the same command keeps a result whose
+        # signature matches (so a killed analyze resumes after its last finished analysis).
+        basis = {"network": network, "recipe": dataclasses.asdict(section), "classifier_size": size, "seed": seed,
+                 "images": len(s.labels), "fingerprint": float(s.images.double().sum()),
+                 "model": model_overrides or config.eval.recipe.model_overrides()}
+        signatures = {"cross_increment": basis, "cartography": basis,
+                      "dynamics": {**basis, "epochs_per_increment": per, "eval_every": eval_every,
+                                   "test_images": len(test[1]) if test is not None else None}}
+        fresh = lambda key: done.get(key, {}).get("signature") != signatures[key]  # noqa: E731
+        if "cross" in analyses and fresh("cross_increment"):
             done["cross_increment"] = cross_increment_matrix(s.images, s.labels, increments, make, section, **common)
-            done["cross_increment"]["plot"] = f"cross_increment_{name}.png"
+            done["cross_increment"].update(plot=f"cross_increment_{name}.png", signature=signatures["cross_increment"])
             plot_cross_increment(done["cross_increment"], out_dir / f"cross_increment_{name}.png", SET_TITLES[name])
-        if "dynamics" in analyses:
-            k = len(torch.unique(increments))
-            per = dynamics_epochs or max(1, (section.epochs or default_epochs(section.recipe, images_per_class(s.labels))) // k)
+            write_json(path, report)
+        if "dynamics" in analyses and fresh("dynamics"):
             done["dynamics"] = training_dynamics(s.images, s.labels, increments, make, section, test,
                                                  epochs_per_increment=per, eval_every=eval_every, **common)
-        if "cartography" in analyses:
+            done["dynamics"]["signature"] = signatures["dynamics"]
+            write_json(path, report)
+        if "cartography" in analyses and fresh("cartography"):
             done["cartography"] = data_cartography(s.images, s.labels, increments, make, section, **common)
-            done["cartography"]["plot"] = f"cartography_{name}.png"
+            done["cartography"].update(plot=f"cartography_{name}.png", signature=signatures["cartography"])
             plot_cartography(done["cartography"], out_dir / f"cartography_{name}.png", SET_TITLES[name])
-        write_json(path, report)
+            write_json(path, report)
     dynamics = {n: r["dynamics"] for n, r in report["sets"].items() if "dynamics" in r}
     if dynamics:
         plot_dynamics(dynamics, out_dir / "dynamics.png")

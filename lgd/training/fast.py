@@ -167,6 +167,26 @@ def step_functions(template: nn.Module, kind: str, momentum: float, weight_decay
     return _STEPS[key]
 
 
+_FORWARDS: dict[tuple, Callable] = {}
+
+
+def forward_function(template: nn.Module, *, stacked: bool = False, compiled: bool = True) -> Callable:
+    """(params, buffers, images) -> logits for `template`'s architecture, for scoring under
+    inference_mode: vmapped over stacked members (images shared) when `stacked`, compiled
+    with the fused pooling when `compiled`. Cached per architecture like step_functions."""
+    device = next(template.parameters()).device
+    key = (repr(template), str(device), stacked, compiled)
+    if key not in _FORWARDS:
+        twin = fast_twin(template) if compiled else copy.deepcopy(template)
+
+        def forward(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(twin, (params, buffers), (x,))
+        if stacked:
+            forward = torch.vmap(forward, in_dims=(0, 0, None))
+        _FORWARDS[key] = torch.compile(_own_code(forward), fullgraph=True) if compiled else forward
+    return _FORWARDS[key]
+
+
 def _own_code(fn: Callable) -> Callable:
     """fn behind a trampoline with a code object of its own. Dynamo keeps its compiled graphs
     (and its recompile limit of 8) per code object; without this every architecture's step
@@ -185,8 +205,8 @@ def resolve_stacking(stacking: str, device: torch.device) -> str:
     return stacking
 
 
-def largest_activation(model: nn.Module, sample: torch.Tensor) -> int:
-    """Elements of the largest module output for one image (a shape probe, no grad)."""
+def leaf_output_sizes(model: nn.Module, sample: torch.Tensor) -> list[int]:
+    """Elements of every leaf module's output for one image (a shape probe, no grad)."""
     sizes = [0]
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()))
              for m in model.modules() if not list(m.children())]
@@ -196,7 +216,7 @@ def largest_activation(model: nn.Module, sample: torch.Tensor) -> int:
     finally:
         for h in hooks:
             h.remove()
-    return max(sizes)
+    return sizes
 
 
 def micro_batch(model: nn.Module, sample: torch.Tensor, setting: int | None, compiled: bool = True) -> int | None:
@@ -207,7 +227,7 @@ def micro_batch(model: nn.Module, sample: torch.Tensor, setting: int | None, com
         return setting
     if sample.device.type != "cpu" or not compiled:
         return None
-    return max(1, CPU_CACHE_BYTES // (4 * largest_activation(model, sample)))
+    return max(1, CPU_CACHE_BYTES // (4 * max(leaf_output_sizes(model, sample))))
 
 
 @dataclass
@@ -263,8 +283,11 @@ def _canonical(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
 
 
 def _chunks(n: int, size: int | None) -> list[slice]:
-    size = size or n
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    """n rows in micro-batches of at most `size`, as even as possible (100 by 32: 4 x 25, not
+    3 x 32 + 4, whose small remainder costs a whole dispatch)."""
+    count = -(-n // (size or n))
+    bounds = [n * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def _accumulate(total: dict | None, part: dict) -> dict:
@@ -272,6 +295,32 @@ def _accumulate(total: dict | None, part: dict) -> dict:
         return part
     torch._foreach_add_(list(total.values()), list(part.values()))
     return total
+
+
+def _score(forward: Callable, states: list[_State], data, device: torch.device, classifier_size: int | None,
+           chunk: int | None, layout: torch.memory_format, what: str) -> list[torch.Tensor]:
+    """Per state (a stack counts as one, scored for all its members at once) and under
+    inference_mode, without a host sync: what="accuracy" the [members] top-1 on `data`,
+    what="probability" each sample's true-class probability ([members, N] or [N])."""
+    source = data if isinstance(data, Source) else Source(data, device)
+    correct = [0 for _ in states]
+    probs: list[list[torch.Tensor]] = [[] for _ in states]
+    count = 0
+    with torch.inference_mode():
+        for x, y in source.batches(256):
+            x = _canonical(fit_size(x, classifier_size), layout)
+            for part in _chunks(len(y), chunk):
+                for i, state in enumerate(states):
+                    logits = forward(state.params, state.buffers, x[part])
+                    if what == "accuracy":
+                        correct[i] = correct[i] + (logits.argmax(-1) == y[part]).sum(-1)
+                    else:
+                        p = logits.softmax(-1)
+                        probs[i].append(p.gather(-1, y[part].expand(p.shape[:-1]).unsqueeze(-1)).squeeze(-1))
+            count += len(y)
+    if what == "accuracy":
+        return [c / count for c in correct]
+    return [torch.cat(p, -1) for p in probs]
 
 
 def train_group(members, sources, section, *, epochs: int, batch_size: int, classifier_size: int | None,
@@ -287,6 +336,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
     kind = "mixed" if section.recipe == "hard_label" else "ce"
     gradient, update = step_functions(models[0], kind, section.momentum, section.weight_decay, dtype=dtype,
                                       stacked=stacked, compiled=section.compile)
+    forward = forward_function(models[0], stacked=stacked, compiled=section.compile)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     milestones, factor = lr_milestones(section.recipe, epochs)
     generators = [torch.Generator().manual_seed(m.seed) for m in members]  # CPU, as the reference loop
@@ -297,6 +347,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
     confidences: list[list[torch.Tensor]] = [[] for _ in members]
     histories = [TrainHistory(epochs=epochs) for _ in members]
     chunk: int | None = None
+    scored: list[torch.Tensor] = []  # [members] test accuracy per scored epoch
     lr = section.lr
 
     def sync_models() -> None:
@@ -350,40 +401,39 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
             lr *= factor ** milestones.count(epoch)  # as MultiStepLR: the factor after each milestone epoch
             score = eval_data is not None and (epoch % eval_every == 0 or epoch == epochs)
             hooks = any(m.on_epoch is not None for m in members)
-            if score or hooks or any(t is not None for t in tracked):
+            eager_scoring = not section.compile and (score or any(t is not None for t in tracked))
+            if hooks or eager_scoring or (stacked and any(t is not None for t in tracked)):
                 sync_models()
-            if score:
-                for h, a in zip(histories, accuracies(models, eval_data, device, classifier_size=classifier_size)):
+            if score:  # kept on the device: the curves cost no host round trip until training ends
+                if section.compile:
+                    scored.append(torch.stack(_score(forward, [group] if stacked else states, eval_data, device,
+                                                     classifier_size, chunk, layout, "accuracy")).flatten())
+                else:
+                    scored.append(accuracies(models, eval_data, device, classifier_size=classifier_size, on_device=True))
+                for h in histories:
                     h.test_epochs.append(epoch)
-                    h.test_accuracy.append(a)
             for i, source in enumerate(tracked):
-                if source is not None:
-                    confidences[i].append(true_class_probability(models[i], source, device,
+                if source is None:
+                    continue
+                if section.compile and not stacked:
+                    confidences[i].append(_score(forward, [states[i]], source, device, classifier_size, chunk, layout,
+                                                 "probability")[0])
+                else:
+                    confidences[i].append(true_class_probability(models[i], source, device, on_device=True,
                                                                  classifier_size=classifier_size))
             for m in members:
                 if m.on_epoch is not None:
                     m.on_epoch(epoch, m.model)
             bar.set_postfix(loss=f"{histories[0].loss[-1]:.3f}")
     sync_models()
+    if scored:
+        for h, curve in zip(histories, torch.stack(scored).T.tolist()):
+            h.test_accuracy = curve
     for h, c, model in zip(histories, confidences, models):
         if c:
-            h.confidence = torch.stack(c)
+            h.confidence = torch.stack(c).cpu()
         model.eval()
     return histories
-
-
-def activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
-    """Bytes of every leaf module's output for one image (fp32): what a backward keeps, roughly."""
-    total = [0]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out[0].numel()))
-             for m in model.modules() if not list(m.children())]
-    try:
-        with torch.inference_mode():
-            model(sample[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return 4 * total[0]
 
 
 def default_group_size(section, device: torch.device, model: nn.Module | None = None,
@@ -405,5 +455,5 @@ def default_group_size(section, device: torch.device, model: nn.Module | None = 
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     params = 4 * sum(p.numel() for p in model.parameters())
-    per_member = 4 * params + (batch or section.batch_size) * activation_bytes(model, sample)
+    per_member = 4 * params + (batch or section.batch_size) * 4 * sum(leaf_output_sizes(model, sample))  # fp32
     return int(max(1, min(64, free_bytes // 2 // per_member)))

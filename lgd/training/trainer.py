@@ -266,17 +266,20 @@ def accuracy(model: nn.Module, data: Data, device: str | torch.device = "cpu", b
 
 
 def true_class_probability(model: nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 256, *,
-                           classifier_size: int | None = None) -> torch.Tensor:
-    """Softmax probability of each sample's own label, [N] on the CPU."""
+                           classifier_size: int | None = None, on_device: bool = False) -> torch.Tensor:
+    """Softmax probability of each sample's own label, [N] on the CPU (on_device: left on the
+    device, no host sync)."""
     logits, labels = _logits(model, data, device, batch_size, classifier_size)
-    return logits.softmax(1).gather(1, labels[:, None]).squeeze(1).cpu()
+    p = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
+    return p if on_device else p.cpu()
 
 
 @torch.inference_mode()
 def accuracies(models: list[nn.Module], data: Data, device: str | torch.device = "cpu", batch_size: int = 256, *,
-               classifier_size: int | None = None) -> list[float]:
+               classifier_size: int | None = None, on_device: bool = False) -> list[float] | torch.Tensor:
     """Top-1 of each model on the same set, in one pass over it (each batch is loaded and
-    resized once for all models; one host sync at the end)."""
+    resized once for all models). A list after one host sync, or with on_device the [M]
+    tensor on the device and no sync at all."""
     device = torch.device(device)
     source = data if isinstance(data, Source) else Source(data, device)
     modes = [m.training for m in models]
@@ -293,4 +296,4 @@ def accuracies(models: list[nn.Module], data: Data, device: str | torch.device =
             m.train(mode)
     if count == 0:
         raise DataError("cannot score a classifier on an empty image set")
-    return (correct / count).tolist()
+    return correct / count if on_device else (correct / count).tolist()
