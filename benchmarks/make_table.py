@@ -511,7 +511,11 @@ def training_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str
     lines = ["## Classifier training", "",
              "`benchmarks/bench_training.py`: `train_classifiers` from fresh models; images/s counts every "
              "member's training images. GFLOP/s from the per-image forward + backward FLOPs (FlopCounterMode, "
-             "meta device); % ceiling against the fp32 matmul ceiling above.", ""]
+             "meta device); % ceiling against the fp32 matmul ceiling of the same run. This section alone is "
+             "regenerated with `python -m pytest benchmarks/bench_training.py benchmarks/bench_matmul.py "
+             "benchmarks/bench_projection.py --benchmark-only --benchmark-json=t.json` and "
+             "`python benchmarks/make_table.py t.json --update` (the JSON of this run: "
+             "`benchmarks/results/training.json`).", ""]
     for name, group in grouped(runs).items():
         ref = next((b for b in group if b["extra_info"]["provider"] == "reference"), None)
         rows = []

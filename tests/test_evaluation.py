@@ -353,3 +353,12 @@ def test_a_rerun_of_analyze_keeps_finished_analyses(run_dir, monkeypatch):
     assert calls == [] and again == first
     analyze_run(run_dir, config, **{**kwargs, "epochs": 2})  # another recipe: computed again
     assert calls
+
+
+def test_eval_overrides_may_follow_options(run_dir, capsys):
+    code = main(["evaluate", str(run_dir), "--runs", "1", "--sets", "lgd", "--device", "cpu", "eval.recipe.epochs=2"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["recipe"]["epochs"] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(run_dir), "--device", "cpu", "--bogus"])
+    assert exit_info.value.code == 2

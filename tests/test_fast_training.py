@@ -266,3 +266,25 @@ def test_default_group_size_follows_free_memory():
     assert default_group_size(vmap, cpu, model, x, batch=100, free_bytes=free) == 20
     assert default_group_size(vmap, cpu, model, x, batch=100, free_bytes=1) == 1
     assert default_group_size(vmap, cpu, model, x, batch=100, free_bytes=10**15) == 64
+
+
+def test_micro_batches_are_even_and_cover_the_batch():
+    from lgd.training.fast import _chunks
+
+    for n, size in ((100, 32), (90, 32), (7, 7), (5, 100), (64, 1)):
+        parts = _chunks(n, size)
+        lengths = [p.stop - p.start for p in parts]
+        assert sum(lengths) == n and max(lengths) <= size and max(lengths) - min(lengths) <= 1
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert _chunks(10, None) == [slice(0, 10)]
+
+
+def test_canonical_layout_fixes_strides_without_changing_values():
+    from lgd.training.fast import _canonical
+
+    x = torch.rand(4, 1, 6, 6).contiguous(memory_format=torch.channels_last)  # "contiguous", odd strides
+    y = _canonical(x, torch.contiguous_format)
+    assert y.stride() == torch.empty(4, 1, 6, 6).stride() and torch.equal(x, y)
+    z = torch.rand(4, 3, 6, 6)
+    assert _canonical(z, torch.contiguous_format) is z
+    assert _canonical(z, torch.channels_last).is_contiguous(memory_format=torch.channels_last)

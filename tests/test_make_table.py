@@ -50,3 +50,33 @@ def test_goal_out_of_reach_when_the_rest_is_too_slow():
 def test_no_bound_without_the_influence_free_rows():
     benchmarks = [b for b in suite(0.05) if b["extra_info"]["provider"] != "influence-free"]
     assert bound(benchmarks) == ""
+
+
+def training_case(provider: str, seconds: float, members: int = 1, config: str = "demo") -> dict:
+    extra = {"kernel": "training", "provider": provider, "config": config, "members": members,
+             "images_per_call": 1000 * members, "flops_per_image": 1e7, "network": "convnet3", "width": 32,
+             "size": 32, "channels": 1, "images": 100, "recipe": "dc", "epochs": 10, "threads": 2}
+    return {"group": f"training | {config}", "name": provider, "extra_info": extra,
+            "stats": {"median": seconds, "min": seconds}}
+
+
+def test_training_rows_goal_and_splice():
+    benchmarks = [case("mm", "torch", 1.0, 1, flops={"total": 1e11}), training_case("reference", 1.0),
+                  training_case("compiled", 0.5), training_case("group-loop x5", 2.0, members=5)]
+    text = "\n".join(make_table.training_section(benchmarks, make_table.ceilings(benchmarks)))
+    # 1000 images/s x 10 MFLOP = 10 GFLOP/s = 10 % of the 100 GFLOP/s ceiling; the group: 2500/s
+    assert "| reference | 1 | 1,000 | 1x | 10 | 10% |  |" in text
+    assert "Best: group-loop x5 at 2.50x (met)" in text
+    old = "# Benchmarks\n\n## Machine\n\nx\n\n## Classifier training\n\nstale\n\n## Other benchmarks\n\ny\n"
+    spliced = make_table.splice(old, "## Classifier training\n\nnew\n")
+    assert "stale" not in spliced and spliced.count("## Classifier training") == 1
+    assert spliced.index("## Other benchmarks") < spliced.index("new") and "## Machine" in spliced
+
+
+def test_whole_run_projection_counts_every_training():
+    record = {"group": "training | FLOP count", "name": "count", "stats": {"median": 1.0, "min": 1.0},
+              "extra_info": {"kernel": "training_flop_count", "flops_per_image": {"convnet6": 1e10}}}
+    text = "\n".join(make_table.training_projection([record]))
+    # IPC 50, distill: reference + surrogate 2 x 50 x 9469; stages on 100 x 2000, 200..400 x 1500 images
+    distill = 100 * 9469 + 100 * 2000 + (200 + 300 + 400) * 1500
+    assert f"| 50 |  | {distill * 1e10 / 1e15:.3g} |" in text
