@@ -159,8 +159,8 @@ def test_hooks_and_histories_match_the_reference(compiled):
 # ------------------------------------------------------------------ groups
 
 
-def group(seeds, stacking, models=None, datas=None, section=None):
-    section = section or TrainSection(network="convnet3", recipe="dc", epochs=3, batch_size=10, micro_batch=4,
+def group(seeds, stacking, models=None, datas=None, section=None, recipe="dc"):
+    section = section or TrainSection(network="convnet3", recipe=recipe, epochs=3, batch_size=10, micro_batch=4,
                                       stacking=stacking)
     models = models or [net(seed=s) for s in seeds]
     datas = datas or [data(seed=s) for s in seeds]
@@ -169,10 +169,11 @@ def group(seeds, stacking, models=None, datas=None, section=None):
     return [m.model for m in members], histories, models, datas, section
 
 
+@pytest.mark.parametrize("recipe", ["dc", "hard_label"])
 @pytest.mark.parametrize("stacking", ["loop", "vmap"])
-def test_group_members_equal_lone_trainings(stacking):
+def test_group_members_equal_lone_trainings(stacking, recipe):
     seeds = [1, 2, 3]
-    trained_models, histories, models, datas, section = group(seeds, stacking)
+    trained_models, histories, models, datas, section = group(seeds, stacking, recipe=recipe)
     for model, history, init, d, seed in zip(trained_models, histories, models, datas, seeds):
         alone = copy.deepcopy(init)
         lone_history = train_classifier(alone, d, dataclasses.replace(section, stacking="loop"), seed=seed,

@@ -1,30 +1,33 @@
-"""The fast training engine: one compiled, functional SGD step, for one model or a stack.
+"""The fast training engine: a functional, compiled SGD step, for one model or a group.
 
 The reference loop (lgd.training.trainer) calls `loss.backward()` and `optimizer.step()` on
-an nn.Module. Here the same step is a pure function of tensors,
+an nn.Module. Here the same step is two pure functions of tensors,
 
-    (params, momenta, images, targets, lr) -> (new params, new momenta, loss),
+    gradient: (params, buffers, images, targets, scale) -> (grads, scale * summed loss)
+    update:   (params, momenta, grads, lr) -> (params, momenta)
 
-the gradient taken with torch.func.grad_and_value over `functional_call(model, ...)` and the
-SGD update (PyTorch's rule: buf = momentum * buf + grad + weight_decay * p; p -= lr * buf)
-written out, and the whole of it compiled as one graph with fullgraph=True (forward,
-backward and optimizer update fused by inductor; lr is a tensor, so the LR schedule never
-recompiles). Because the step is a function of tensors, many independent models of one
-architecture train as one: `torch.vmap` of the same step over stacked parameters (the
-"vmap" stacking). Where vmap does not pay (measured on CPU: a batched-weight convolution
-becomes a grouped one, slower than the members one after another), the members run the
-single-model step in turn (the "loop" stacking); either way each member keeps its own data
-order, augmentation draws, initialisation and schedule, so it equals its lone training.
+the gradient by torch.func.grad_and_value over `functional_call(model, ...)`, the update
+PyTorch's SGD rule written out (buf = momentum * buf + grad + weight_decay * p; p -= lr * buf;
+lr a tensor, so the LR schedule never recompiles). With TrainSection.compile each is one
+fullgraph graph. On CPU the batch goes through the gradient in micro-batches whose
+activations fit the cache (their gradients summed, scale = 1 / batch), and average pooling
+becomes MeanPool, which inductor fuses better.
 
-Augmentation stays outside the compiled graph: its random parameters come from a CPU
+Many independent models of one architecture (a group): `torch.vmap` of the same functions
+over stacked parameters ("vmap" stacking), or the members' steps in turn ("loop"; measured
+faster on CPU, where a batched-weight convolution becomes a slower grouped one). Either way
+each member keeps its own data order, augmentation draws, initialisation and schedule, so
+it equals its lone training.
+
+Augmentation stays outside the compiled graphs: its random parameters come from a CPU
 torch.Generator (which dynamo cannot trace) and DSA picks one transformation family per
 batch (six graphs instead of one); it is ~2 % of a demo step (measured 0.4 of 22 ms). It
-runs eagerly, with exactly the reference's draws, so the fast and reference engines see the
-same augmented batches.
+runs eagerly, with exactly the reference's draws, so both engines see the same batches.
 
 Precision: fp32 on CPU; on CUDA `precision` auto autocasts the forward to bf16 where the GPU
-has it (lgd.acceleration.resolve_precision) and fp32 matmuls use TF32. Parameters, momenta
-and the update stay fp32.
+has it (lgd.acceleration.resolve_precision) and fp32 work uses TF32; parameters, momenta and
+the update stay fp32. The CUDA paths (bf16, TF32, channels_last, vmap by default, group
+size from free memory) have not run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -297,6 +300,20 @@ def _accumulate(total: dict | None, part: dict) -> dict:
     return total
 
 
+def _sgd_step(gradient: Callable, update: Callable, state: _State, x: torch.Tensor, targets: tuple,
+              chunk: int | None, scale: torch.Tensor, lr: torch.Tensor, dim: int) -> torch.Tensor:
+    """One SGD step of `state` (in place) on the batch x, whose images run along `dim` (0 for
+    one model, 1 for a stack), in micro-batches of `chunk`; returns the batch's mean loss."""
+    grads, loss = None, 0
+    for part in _chunks(x.shape[dim], chunk):
+        index = (slice(None),) * dim + (part,)
+        g, value = gradient(state.params, state.buffers, x[index],
+                            tuple(t[index] if t.dim() > dim else t for t in targets), scale)  # lam is not sliced
+        grads, loss = _accumulate(grads, g), loss + value
+    state.params, state.momenta = update(state.params, state.momenta, grads, lr)
+    return loss
+
+
 def _score(forward: Callable, states: list[_State], data, device: torch.device, classifier_size: int | None,
            chunk: int | None, layout: torch.memory_format, what: str) -> list[torch.Tensor]:
     """Per state (a stack counts as one, scored for all its members at once) and under
@@ -375,25 +392,13 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
                     chunk = micro_batch(models[0], views[0], section.micro_batch, section.compile) or b
                 scale = torch.tensor(1.0 / b, device=device)
                 if stacked:
-                    x_all = torch.stack(views)
-                    t_all = tuple(torch.stack(parts) for parts in zip(*targets))
-                    grads, loss = None, 0
-                    for part in _chunks(b, chunk):
-                        g, value = gradient(group.params, group.buffers, x_all[:, part],
-                                            tuple(t[:, part] if t.dim() > 1 else t for t in t_all), scale)
-                        grads, loss = _accumulate(grads, g), loss + value
-                    group.params, group.momenta = update(group.params, group.momenta, grads, lr_t)
+                    loss = _sgd_step(gradient, update, group, torch.stack(views),
+                                     tuple(torch.stack(parts) for parts in zip(*targets)), chunk, scale, lr_t, dim=1)
                     for i in range(len(members)):
                         totals[i] += loss[i].detach() * b
                 else:
                     for i, (state, x, t) in enumerate(zip(states, views, targets)):
-                        grads, loss = None, 0
-                        for part in _chunks(b, chunk):
-                            g, value = gradient(state.params, state.buffers, x[part],
-                                                tuple(v[part] if v.dim() else v for v in t), scale)
-                            grads, loss = _accumulate(grads, g), loss + value
-                        state.params, state.momenta = update(state.params, state.momenta, grads, lr_t)
-                        totals[i] += loss.detach() * b
+                        totals[i] += _sgd_step(gradient, update, state, x, t, chunk, scale, lr_t, dim=0).detach() * b
                 count += b
             for h, total in zip(histories, torch.stack(totals).tolist()):  # one host sync per epoch
                 h.lr.append(lr)
