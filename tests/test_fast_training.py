@@ -111,7 +111,7 @@ def test_one_step_gradient_matches_autograd():
 
     model = net("convnet3", 3, 16)
     x, y = data(n=12, size=16, channels=3)
-    gradient, _ = step_functions(model, "ce", 0.9, 5e-4, compiled=False)
+    gradient, _ = step_functions(model, 0.9, 5e-4, compiled=False)
     params = {k: p.detach() for k, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     scale = torch.tensor(1 / 12)

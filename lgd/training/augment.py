@@ -159,10 +159,11 @@ def cutmix(
 
 
 def mixed_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Mean over the batch of lam * CE(labels) + (1 - lam) * CE(partner)."""
-    return lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, partner)
+    """Mean (or sum) over the batch of lam * CE(labels) + (1 - lam) * CE(partner)."""
+    return (lam * F.cross_entropy(logits, labels, reduction=reduction)
+            + (1 - lam) * F.cross_entropy(logits, partner, reduction=reduction))
 
 
 # ---------------------------------------------------------------- DSA

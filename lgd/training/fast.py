@@ -38,12 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value
 from tqdm.auto import tqdm
 
-from lgd.training.recipes import Source, TrainHistory, augmenter, fit_size, lr_milestones
+from lgd.training.recipes import Source, TrainHistory, augmenter, fit_size, lr_milestones, recipe_loss
 
 STACKINGS = ("auto", "vmap", "loop")
 
@@ -53,17 +52,6 @@ STACKINGS = ("auto", "vmap", "loop")
 # width 32 at 32 px, 2-core AVX2): 22 ms per 100 images in micro-batches of 25-50, 34 ms as
 # one batch of 100 (compiled step). GPUs take the whole batch at once.
 CPU_CACHE_BYTES = 4 << 20
-
-
-def _criterion(kind: str) -> Callable:
-    """(logits, targets) -> summed loss (the recipe's mean loss is sum / batch)."""
-    if kind == "mixed":
-        def mixed(logits, targets):
-            labels, partner, lam = targets
-            return (lam * F.cross_entropy(logits, labels, reduction="sum")
-                    + (1 - lam) * F.cross_entropy(logits, partner, reduction="sum"))
-        return mixed
-    return lambda logits, targets: F.cross_entropy(logits, targets[0], reduction="sum")
 
 
 class MeanPool(nn.Module):
@@ -106,10 +94,10 @@ def fast_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def make_gradient(template: nn.Module, kind: str, dtype: torch.dtype = torch.float32) -> Callable:
-    """(params, buffers, images, targets, scale) -> (gradient, loss) of scale * summed loss,
-    plain (uncompiled): scale = 1 / batch gives the batch mean over its micro-batches."""
-    criterion = _criterion(kind)
+def make_gradient(template: nn.Module, dtype: torch.dtype = torch.float32) -> Callable:
+    """(params, buffers, images, targets, scale) -> (gradient, loss) of scale * the recipe's
+    summed loss, plain (uncompiled): scale = 1 / batch gives the batch mean over its
+    micro-batches."""
     device_type = next(template.parameters()).device.type
     low = dtype != torch.float32
 
@@ -117,7 +105,7 @@ def make_gradient(template: nn.Module, kind: str, dtype: torch.dtype = torch.flo
         def loss_of(p):
             with torch.autocast(device_type, dtype=dtype, enabled=low):
                 logits = functional_call(template, (p, buffers), (x,))
-            return criterion(logits.float(), targets) * scale
+            return recipe_loss(logits.float(), targets, reduction="sum") * scale
 
         return grad_and_value(loss_of)(params)
     return gradient
@@ -132,33 +120,21 @@ def make_update(momentum: float, weight_decay: float) -> Callable:
     return update
 
 
-@dataclass(frozen=True)
-class _Key:
-    architecture: str
-    device: str
-    kind: str
-    momentum: float
-    weight_decay: float
-    dtype: torch.dtype
-    stacked: bool
-    compiled: bool
+_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
 
 
-_STEPS: dict[_Key, tuple[Callable, Callable]] = {}
-
-
-def step_functions(template: nn.Module, kind: str, momentum: float, weight_decay: float, *,
+def step_functions(template: nn.Module, momentum: float, weight_decay: float, *,
                    dtype: torch.dtype = torch.float32, stacked: bool = False,
                    compiled: bool = True) -> tuple[Callable, Callable]:
     """(gradient, update) for `template`'s architecture, vmapped over a leading member
     dimension when `stacked`, compiled (fullgraph) when `compiled`. Cached per architecture and
     recipe, so every model of that architecture reuses the same graphs."""
     device = next(template.parameters()).device
-    key = _Key(repr(template), str(device), kind, momentum, weight_decay, dtype, stacked, compiled)
+    key = (repr(template), str(device), momentum, weight_decay, dtype, stacked, compiled)
     if key not in _STEPS:
         # A private copy (the cache must not keep or see a caller's model); compiled, with the
         # pooling inductor fuses (eager, avg_pool2d's own kernels are the faster ones).
-        gradient = make_gradient(fast_twin(template) if compiled else copy.deepcopy(template), kind, dtype)
+        gradient = make_gradient(fast_twin(template) if compiled else copy.deepcopy(template), dtype)
         update = make_update(momentum, weight_decay)
         if stacked:
             gradient = torch.vmap(gradient, in_dims=(0, 0, 0, 0, None))
@@ -350,8 +326,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
     models = [m.model for m in members]
     dtype = resolve_precision(section.precision, device)
     stacked = resolve_stacking(section.stacking, device) == "vmap" and len(members) > 1
-    kind = "mixed" if section.recipe == "hard_label" else "ce"
-    gradient, update = step_functions(models[0], kind, section.momentum, section.weight_decay, dtype=dtype,
+    gradient, update = step_functions(models[0], section.momentum, section.weight_decay, dtype=dtype,
                                       stacked=stacked, compiled=section.compile)
     forward = forward_function(models[0], stacked=stacked, compiled=section.compile)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format

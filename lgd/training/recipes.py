@@ -149,8 +149,8 @@ def augmenter(recipe: str, model: nn.Module, generator: torch.Generator) -> Call
     return augment
 
 
-def recipe_loss(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
-    """Mean loss over the batch: cross-entropy, or CutMix's area-weighted pair of them."""
+def recipe_loss(logits: torch.Tensor, targets: Targets, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or sum) loss over the batch: cross-entropy, or CutMix's area-weighted pair of them."""
     if len(targets) == 3:
-        return mixed_cross_entropy(logits, *targets)
-    return F.cross_entropy(logits, targets[0])
+        return mixed_cross_entropy(logits, *targets, reduction=reduction)
+    return F.cross_entropy(logits, targets[0], reduction=reduction)
