@@ -244,7 +244,7 @@ def build_demo() -> Scenario:
 
 
 def build_dit_b2() -> Scenario:
-    # The paper's defaults (method.md), with ConvNet-3 classifiers to keep them small.
+    # The paper's defaults (docs/method.md), with ConvNet-3 classifiers to keep them small.
     small = lambda section: dataclasses.replace(section, network="convnet3")
     base = Config()
     config = dataclasses.replace(

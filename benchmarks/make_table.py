@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 MiB = 2**20
-# engineering.md: used when the meta-device counts (bench_projection.py) are missing.
+# docs/engineering.md: used when the meta-device counts (bench_projection.py) are missing.
 DIT_XL_FORWARD = 2 * 118.6e9  # FLOPs per image at 256 px
 SD_VAE_DECODE = 2 * 311e9
 H100_BF16 = 989e12  # dense FLOP/s
@@ -432,7 +432,7 @@ def projection_section(benchmarks: list[dict], tops: dict[int, float]) -> list[s
         shares = ("Of an LGD guided step, the DiT is {:.0%}, the VAE decoder {:.0%} and the classifiers {:.0%} "
                   "of the FLOPs.").format(*(parts[k] / parts["total"] for k in ("dit", "codec", "classifiers")))
     else:
-        source = "engineering.md constants (backward taken equal to forward; classifiers neglected)"
+        source = "docs/engineering.md constants (backward taken equal to forward; classifiers neglected)"
         f_fwd, f_dec = DIT_XL_FORWARD, SD_VAE_DECODE
         f_u = 2 * f_fwd
         f_lgd = 2 * (f_u + f_dec)
@@ -455,7 +455,7 @@ def projection_section(benchmarks: list[dict], tops: dict[int, float]) -> list[s
     G = lambda x: f"{x / 1e9:,.1f} GFLOP"
     lines = ["## Projection: ImageNette IPC-100 on one H100", "",
              f"FLOPs per image ({source}):", "",
-             f"- DiT-XL/2 forward: {G(f_fwd)} (engineering.md: 118.6 GMAC = 237.2 GFLOP)",
+             f"- DiT-XL/2 forward: {G(f_fwd)} (docs/engineering.md: 118.6 GMAC = 237.2 GFLOP)",
              f"- unguided step (CFG: DiT forward on 2 images): {G(f_u)}",
              f"- LGD guided step (CFG forward, backward through DiT, SD-VAE decoder forward + backward, two "
              f"ConvNet-6 forward + backward): {G(f_lgd)}",

@@ -1,4 +1,4 @@
-// lgd::learnability: fused per-sample learnability score on CPU (method.md §4).
+// lgd::learnability: fused per-sample learnability score on CPU (docs/method.md §4).
 //
 //   S = CE(student, y) - omega * CE(reference, y)
 //   dS/dstudent = softmax(student) - onehot(y);  dS/dreference = -omega * (softmax(reference) - onehot(y))

@@ -155,7 +155,7 @@ if HAS_TRITON:
 
 
 class _AdaLNModulate(torch.autograd.Function):
-    """First-order only: the DiT needs no double backward (engineering.md)."""
+    """First-order only: the DiT needs no double backward (docs/engineering.md)."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, eps, block_m):

@@ -1,4 +1,4 @@
-"""`lgd analyze`: the paper's analyses (method.md §9) of a run directory, then the report.
+"""`lgd analyze`: the paper's analyses (docs/method.md §9) of a run directory, then the report.
 
     python -m lgd analyze runs/nette --sets lgd dit igd --network convnet6 --device cuda
 

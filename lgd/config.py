@@ -1,6 +1,6 @@
 """Run configuration: typed sections, YAML presets, dotted command-line overrides, validation.
 
-A config is validated as a whole before any work starts; every default of method.md that
+A config is validated as a whole before any work starts; every default of docs/method.md that
 the papers leave open is a field here.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SamplingSection:
 
 @dataclass
 class TrainSection:
-    """One classifier-training recipe (method.md §7).
+    """One classifier-training recipe (docs/method.md §7).
 
     distributed: on a run of several processes, all of them train this classifier together
     (DDP over Accelerate's process group, lgd.training.trainer): each draws the same data
@@ -91,7 +91,7 @@ class TrainSection:
 class LGDSection:
     omega: float = 0.5
     lam: float = 15.0
-    # Extra factor on rho_t. method.md's rho_t with lam = 15 moves x_{t-1} by 15x the norm of
+    # Extra factor on rho_t. The paper's rho_t with lam = 15 moves x_{t-1} by 15x the norm of
     # eps_hat, which destroys samples; IGD's constant 0.0015 keeps the step in range.
     rho_scale: float = 0.0015
     window: tuple[int, int] = (10, 45)  # respaced step indices, inclusive; N-1 is noisiest

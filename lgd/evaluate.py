@@ -1,4 +1,4 @@
-"""`lgd evaluate`: the accuracy protocol (method.md §7) on a run directory, then the report.
+"""`lgd evaluate`: the accuracy protocol (docs/method.md §7) on a run directory, then the report.
 
     python -m lgd evaluate runs/nette --networks convnet6 resnet18 --runs 3 --device cuda
     accelerate launch -m lgd evaluate runs/nette

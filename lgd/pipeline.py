@@ -1,4 +1,4 @@
-"""The LGD distillation run (method.md §3): seed increment, then learnability-guided stages.
+"""The LGD distillation run (docs/method.md §3): seed increment, then learnability-guided stages.
 
     D_1 = seed increment (IGD, plain DiT or random real)
     theta* = reference classifier trained on the real data

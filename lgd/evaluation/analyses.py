@@ -1,4 +1,4 @@
-"""The paper's analyses of a distilled set (method.md §9), with their plots.
+"""The paper's analyses of a distilled set (docs/method.md §9), with their plots.
 
 - Cross-increment matrix: M[a][b] = top-1 (%) on the synthetic images of increment b of a
   classifier trained on increment a only. The diagonal is accuracy on the training increment

@@ -1,4 +1,4 @@
-"""The evaluation protocol (method.md §7): train from scratch on an image set, test on real data.
+"""The evaluation protocol (docs/method.md §7): train from scratch on an image set, test on real data.
 
 For each network and each image set -- the run's distilled set ("lgd"), baseline sets under
 RUN/baselines/<name>/ in the same layout ("dit", "igd"), and "random" (a random real subset

@@ -1,4 +1,4 @@
-"""Learnability guidance (LGD, method.md §4).
+"""Learnability guidance (LGD, docs/method.md §4).
 
 S(x, y) = CE(student(x), y) - omega * CE(reference(x), y): high where the current stage
 model still gets x wrong but the reference model gets it right. Guidance evaluates S on the

@@ -1,4 +1,4 @@
-"""Classifier training: the recipes of method.md §7, their augmentations, two engines, and accuracy."""
+"""Classifier training: the recipes of docs/method.md §7, their augmentations, two engines, and accuracy."""
 from lgd.training.augment import (
     DSAParams,
     color_jitter,

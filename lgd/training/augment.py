@@ -1,4 +1,4 @@
-"""Batched, seeded image augmentations for classifier training (method.md §7).
+"""Batched, seeded image augmentations for classifier training (docs/method.md §7).
 
 Everything works on a whole batch [B, C, H, W] on the training device: random parameters are
 drawn as small tensors from an explicit torch.Generator (on the generator's device, then
