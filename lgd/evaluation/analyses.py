@@ -37,6 +37,7 @@ from lgd.evaluation.protocol import (
     SET_TITLES,
     ClassifierFactory,
     classifier_size,
+    fingerprint,
     images_per_class,
     load_image_sets,
     materialise,
@@ -287,7 +288,7 @@ def analyze_run(
         # What each result depends on: a rerun of the same command keeps a result whose
         # signature matches (so a killed analyze resumes after its last finished analysis).
         basis = {"network": network, "recipe": dataclasses.asdict(section), "classifier_size": size, "seed": seed,
-                 "images": len(s.labels), "fingerprint": float(s.images.double().sum()),
+                 "images": len(s.labels), "fingerprint": fingerprint(s.images, s.labels),
                  "model": model_overrides or config.eval.recipe.model_overrides()}
         signatures = {"cross_increment": basis, "cartography": basis,
                       "dynamics": {**basis, "epochs_per_increment": per, "eval_every": eval_every,

@@ -190,6 +190,11 @@ def training_path(run: Path, job: tuple[str, str, int]) -> Path:
     return run / "eval" / TRAININGS / f"{network}-{name}-run{r}.json"
 
 
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """A cheap content check of an image set, recorded with results that depend on it."""
+    return float(images.double().sum()) + float(labels.double().sum())
+
+
 def finished_trainings(run: Path, signatures: dict) -> dict:
     """Accuracies of the trainings already recorded with exactly these signatures (a changed
     recipe, set or test split makes a record stale: it is retrained and overwritten)."""
@@ -323,19 +328,24 @@ def evaluate_run(
     together = section.distributed and world > 1  # each model trained by all ranks (DDP)
     jobs = [(network, name, r) for network in networks for name in available for r in range(runs)]
 
+    @functools.cache
+    def contents(name: str, r: int) -> tuple[int, float]:
+        images, labels = images_of(name, r)
+        return len(labels), fingerprint(images, labels)
+
     def signature(job: tuple[str, str, int]) -> dict:
         """Everything a finished training's accuracy depends on: a record is reused only if equal."""
         network, name, r = job
-        images, labels = images_of(name, r)
+        count, check = contents(name, r if name == "random" else 0)  # a stored set is the same for every run
         return {"network": network, "set": name, "run": r, "seed": derive_seed(config.seed, "eval", network, r),
                 "recipe": dataclasses.asdict(section), "classifier_size": size, "model": factory.overrides,
-                "test_images": len(test[1]), "images": len(labels),
-                "fingerprint": float(images.double().sum()) + float(labels.double().sum())}
+                "test_images": len(test[1]), "images": count, "fingerprint": check}
 
     signatures = {job: signature(job) for job in jobs}
     scores = finished_trainings(run, signatures)
     if scores and writer:
         log.info("reusing %d finished training(s) from %s", len(scores), run / "eval" / TRAININGS)
+
     @functools.cache
     def group_limit(network: str) -> int:
         if section.group_size:
