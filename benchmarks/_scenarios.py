@@ -35,6 +35,7 @@ from lgd.acceleration import apply_speedups
 from lgd.classifiers import build_classifier
 from lgd.config import Config, load_config
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
+from lgd.kernels.policy import kernel_mode
 from lgd.models import DiT, create_dit
 from lgd.models.vae import IdentityCodec, LatentCodec
 from lgd.pipeline import Distiller, Generator
@@ -112,8 +113,7 @@ class Scenario:
                 codec=self.codec, student=self.student, reference=self.reference, alphas_cumprod=alphas,
                 omega=c.lgd.omega, lam=c.lgd.lam, rho_scale=c.lgd.rho_scale,
                 window=scaled_window(c.lgd.window, c.sampling.steps, steps),
-                deviation=Deviation(self.memory, c.lgd.gamma), classifier_size=self.classifier_size,
-                fused=provider in BATCHED)
+                deviation=Deviation(self.memory, c.lgd.gamma), classifier_size=self.classifier_size)
         return InfluenceGuidance(
             codec=self.codec, loss=self.influence, alphas_cumprod=alphas, k=c.igd.k, rho_scale=c.igd.rho_scale,
             window=scaled_window(c.igd.window, c.sampling.steps, steps),
@@ -275,6 +275,11 @@ BUILDERS: dict[str, Callable[[], Scenario]] = {"demo": build_demo, "dit-b2": bui
 # Runs
 
 
+def kernels_for(provider: str) -> str:
+    """The kernel mode the pipeline runs a provider's engine under (reference: plain ops only)."""
+    return "torch" if provider == "reference" else "auto"
+
+
 def _batches(provider: str, images: int) -> list[list[int]]:
     """Seeds per call of the sampler: one batch (fast) or one image at a time (reference)."""
     seeds = list(range(1000, 1000 + images))
@@ -293,9 +298,10 @@ def step_run(scn: Scenario, kind: str, provider: str, images: int) -> Callable[[
         work.append((seeds, x, torch.full((len(seeds),), CLASS)))
 
     def run() -> None:
-        for seeds, x, labels in work:
-            with torch.no_grad():  # as the pipeline calls the sampler; the step enables grad itself
-                sampler.step(x, scn.step_index, labels, NoiseStream(seeds), guidance, labels)
+        with kernel_mode(kernels_for(provider)):
+            for seeds, x, labels in work:
+                with torch.no_grad():  # as the pipeline calls the sampler; the step enables grad itself
+                    sampler.step(x, scn.step_index, labels, NoiseStream(seeds), guidance, labels)
         guidance.nonfinite.pop_failed()
 
     return run
@@ -315,7 +321,8 @@ def sampling_run(scn: Scenario, kind: str, provider: str, images: int, steps: in
     seeds = list(range(1000, 1000 + images))
 
     def run() -> None:
-        Distiller.sample_candidates(unit, seeds, [CLASS] * len(seeds), guidance)
+        with kernel_mode(kernels_for(provider)):
+            Distiller.sample_candidates(unit, seeds, [CLASS] * len(seeds), guidance)
 
     return run
 

@@ -73,7 +73,7 @@ def count_all(nette: dict) -> dict:
     lgd = LearnabilityGuidance(
         codec=codec, student=student, reference=reference, alphas_cumprod=alphas, omega=0.5, lam=15.0,
         rho_scale=0.0015, window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0),
-        classifier_size=size, fused=False)  # the fused op adds no FLOPs and has no meta kernel
+        classifier_size=size)  # meta tensors take the plain path: the fused op adds no FLOPs
     igd = InfluenceGuidance(
         codec=codec, loss=influence, alphas_cumprod=alphas, k=5.0, rho_scale=0.0015,
         window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0), classifier_size=size)

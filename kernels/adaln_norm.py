@@ -11,9 +11,8 @@ public dispatch `adaln_modulate`.
 import torch
 import torch.nn.functional as F
 
-from ._common import (
-    FLOAT_DTYPES, GPU_TILE, HAS_TRITON, KernelInputError, next_pow2, num_warps_for, use_triton,
-)
+from . import policy
+from ._common import FLOAT_DTYPES, GPU_TILE, HAS_TRITON, KernelInputError, next_pow2, num_warps_for
 
 EPS = 1e-6
 
@@ -191,8 +190,9 @@ def adaln_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = EPS
 ) -> torch.Tensor:
     """y = LayerNorm(x, no affine) * (1 + scale[:, None]) + shift[:, None], fp32 math.
-    Fused Triton kernels on CUDA when triton is importable, the plain reference elsewhere."""
+    The fused Triton kernels where the kernel policy (lgd.kernels.policy) says so, else the
+    plain reference."""
     _check(x, shift, scale)
-    if use_triton(x):
+    if policy.backend("adaln_norm", x.device) == "triton":
         return adaln_modulate_triton(x, shift, scale, eps)
     return adaln_modulate_reference(x, shift, scale, eps)

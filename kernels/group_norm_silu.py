@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._common import FLOAT_DTYPES, HAS_TRITON, KernelInputError, next_pow2, num_warps_for, use_triton
+from . import policy
+from ._common import FLOAT_DTYPES, HAS_TRITON, KernelInputError, next_pow2, num_warps_for
 
 # Elements of one group handled per loop iteration on a GPU.
 GPU_BLOCK = 1024
@@ -238,10 +239,10 @@ def group_norm_silu(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """silu(group_norm(x, groups, weight, bias, eps)), fp32 statistics.
-    Fused Triton kernels on CUDA when triton is importable (first-order only: a double
-    backward through them raises), the plain reference elsewhere."""
+    The fused Triton kernels where the kernel policy (lgd.kernels.policy) says so (first-order
+    only: a double backward through them raises), else the plain reference."""
     _check(x, groups, weight, bias)
-    if use_triton(x):
+    if policy.backend("group_norm_silu", x.device) == "triton":
         return group_norm_silu_triton(x, groups, weight, bias, eps)
     return group_norm_silu_reference(x, groups, weight, bias, eps)
 

@@ -18,11 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake  # no public equivalent in torch 2.13
 
-from lgd import _ops
-
-from ._common import (
-    FLOAT_DTYPES, GPU_TILE, HAS_TRITON, KernelInputError, next_pow2, num_warps_for, use_triton,
-)
+from . import policy
+from ._common import FLOAT_DTYPES, GPU_TILE, HAS_TRITON, KernelInputError, next_pow2, num_warps_for
 
 
 class LearnabilityResult(NamedTuple):
@@ -226,10 +223,14 @@ def _check(student, reference, labels, kappa: int) -> None:
         raise KernelInputError(f"learnability: kappa must be >= 1, got {kappa}")
     if N % kappa:
         raise KernelInputError(f"learnability: N={N} is not divisible by kappa={kappa}")
-    # Data-dependent (one sync on a GPU): skipped while tracing (compile, export, make_fx).
-    if torch.compiler.is_compiling() or is_fake(labels):
+    # Data-dependent: skipped while tracing (compile, export, make_fx). On an accelerator a
+    # device-side assert, because reading the answer on the host would sync every guided step.
+    if torch.compiler.is_compiling() or is_fake(labels) or not N:
         return
-    if N and bool(((labels < 0) | (labels >= C)).any()):
+    if labels.device.type != "cpu":
+        torch._assert_async(((labels >= 0) & (labels < C)).all(), "learnability: a label is out of range")
+        return
+    if bool(((labels < 0) | (labels >= C)).any()):
         bad = labels[(labels < 0) | (labels >= C)][0].item()
         raise KernelInputError(f"learnability: label {bad} is out of range for C={C} classes")
 
@@ -262,15 +263,12 @@ def learnability(
 ) -> LearnabilityResult:
     """Per-sample CE of both models, S, dS/dlogits for both, and the winner of each group of
     kappa consecutive samples, in one fused pass. S backpropagates into both logits.
-    Triton on CUDA; the compiled CPU op if built; else the torch reference (warned once)."""
+    The kernel policy (lgd.kernels.policy) picks Triton (CUDA) or the compiled CPU op; else
+    the torch reference."""
     _check(student_logits, reference_logits, labels, kappa)
-    if use_triton(student_logits):
+    backend = policy.backend("learnability", student_logits.device)
+    if backend == "triton":
         block_m, block_c = launch_config(*student_logits.shape)
         return _apply("triton", student_logits, reference_logits, labels, omega, kappa, block_m, block_c)
-    backend = "reference"
-    if student_logits.device.type == "cpu":
-        if _ops.has_learnability_op():
-            backend = "cpp"
-        else:
-            _ops.warn_missing_once()
-    return _apply(backend, student_logits, reference_logits, labels, omega, kappa, 0, 0)
+    return _apply("cpp" if backend == "cpp" else "reference", student_logits, reference_logits, labels,
+                  omega, kappa, 0, 0)

@@ -23,11 +23,13 @@ IGD's double-backward region is compiled separately, as the torch.func transform
 `InfluenceLoss.input_gradient` (aot_autograd cannot compile a double backward taken through
 autograd.grad, docs/engineering.md); the LGD classifiers stay eager.
 
-On CUDA with Triton the VAE decoder's GroupNorm+SiLU pairs are swapped for the fused kernel
-(`lgd.kernels.group_norm_silu`); elsewhere the decoder is left as it is.
+Where the kernel policy (lgd.kernels.policy) runs the fused GroupNorm+SiLU Triton kernel on
+the device, the VAE decoder's GroupNorm+SiLU pairs are swapped for it; elsewhere the decoder is
+left as it is. `tf32` scopes TF32 for the fp32 matmuls and convolutions on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -36,7 +38,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
 from lgd.errors import ConfigError
-from lgd.kernels._common import HAS_TRITON
+from lgd.kernels import policy
 from lgd.models.vae import LatentCodec, fuse_group_norm_silu
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -51,17 +53,36 @@ _DECODER_INDUCTOR_OPTIONS = {"layout_optimization": False}
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
-    """The compute dtype for `precision` on `device`. "auto": bf16 on CUDA GPUs that support
-    it, else fp32 (so always fp32 on CPU)."""
+    """The compute dtype for `precision` on `device`. "auto": bf16 on CUDA GPUs with native bf16
+    (compute capability 8.0 and up: A100, H100, ...), else fp32 (so always fp32 on CPU). Older
+    GPUs only emulate bf16 (`torch.cuda.is_bf16_supported()` says yes on a V100 or T4), slowly."""
     device = torch.device(device)
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "auto":
-        return torch.bfloat16 if bf16_gpu else torch.float32
-    if precision == "bf16" and device.type == "cuda" and not bf16_gpu:
-        raise ConfigError("precision bf16 was requested but this GPU does not support bf16; use fp16 or fp32")
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"precision bf16 was requested but this GPU (compute capability {major}.{minor}) has no "
+                          "native bf16 (8.0 or newer needed); use fp16 or fp32")
     return _DTYPES[precision]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """A CUDA device with bf16 tensor cores (compute capability >= 8.0)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 (on or off) for the fp32 matmuls and cuDNN convolutions of the block, restored after.
+    Only CUDA reads these switches; torch's defaults are off for matmuls, on for cuDNN."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _autocast_fp32_out(fn: Callable, device_type: str, dtype: torch.dtype, fp32_with_grad: bool) -> Callable:
@@ -119,7 +140,7 @@ def apply_speedups(
             setattr(dit, name, fn)
 
     if isinstance(codec, LatentCodec):
-        if device.type == "cuda" and HAS_TRITON:
+        if policy.backend("group_norm_silu", device) == "triton":
             fuse_group_norm_silu(codec.vae.decoder)
         if compile:
             decoder = codec.vae.decoder

@@ -21,6 +21,7 @@ class ModelSection:
     dit: str = "demo"  # "demo" (embedded), or a path: official .pt, diffusers folder, lgd .safetensors
     vae: str = "demo"  # "demo", "identity", or an AutoencoderKL / pipeline folder
     dit_num_heads: int | None = None  # only if the checkpoint does not tell
+    attention: str = "sdpa"  # DiT attention: sdpa | xformers (needs the xformers extra, CUDA, no compile) | math
 
 
 @dataclass
@@ -48,6 +49,11 @@ class SamplingSection:
     compile: bool = False  # torch.compile the DiT, the VAE decoder and IGD's influence gradient (fast engine only)
     precision: str = "auto"  # autocast of DiT/VAE: auto (bf16 on GPUs with bf16, else fp32) | fp32 | bf16 | fp16
     fp32_guidance: bool = False  # guided steps (gradients through DiT and VAE) in fp32, the rest in `precision`
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions of sampling in TF32; false for strict fp32
+    # Fused kernels (lgd.kernels.policy; $LGD_KERNELS overrides): auto (only those validated for
+    # the device: the C++ learnability op on CPU, Triton kernels a recorded GPU check passed) |
+    # fused (all the device has) | torch (plain ops). The reference engine always uses torch.
+    kernels: str = "auto"
 
 
 @dataclass
@@ -133,6 +139,9 @@ class EvalSection:
 class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Minutes a process of a multi-process run waits for the others at a barrier: it must cover
+    # what the main process does alone (training theta*, IGD's surrogate: hours at ImageNet scale).
+    distributed_timeout: float = 180.0
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
@@ -294,6 +303,24 @@ def _check_window(window: tuple[int, int], steps: int, where: str) -> None:
     _check(0 <= lo <= hi < steps, f"{where}.window {list(window)} must satisfy 0 <= start <= end < sampling.steps ({steps})")
 
 
+def _check_attention(config: Config) -> None:
+    from lgd.models.dit import ATTENTION_BACKENDS
+
+    backend = config.model.attention
+    _check(backend in ATTENTION_BACKENDS,
+           f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+    if backend != "xformers":
+        return
+    _check(not config.sampling.compile,
+           "model.attention=xformers cannot be combined with sampling.compile=true (torch.compile cannot trace "
+           "xformers); use model.attention=sdpa when compiling")
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"model.attention=xformers needs the xformers package ({exc}); "
+                          "install it with `pip install xformers` or use model.attention=sdpa") from None
+
+
 def validate(config: Config) -> None:
     """Reject every bad value or combination before any work starts (paths are checked too)."""
     s = config.sampling
@@ -310,6 +337,11 @@ def validate(config: Config) -> None:
     _check(s.engine == "fast" or (not s.compile and s.precision in ("auto", "fp32")),
            "sampling.engine=reference is plain eager fp32: it cannot be combined with sampling.compile=true "
            f"or sampling.precision={s.precision}")
+    from lgd.kernels.policy import resolve_mode
+
+    resolve_mode(s.kernels)
+    _check_attention(config)
+    _check(config.distributed_timeout > 0, f"distributed_timeout must be positive (minutes), got {config.distributed_timeout}")
     st = config.stages
     _check(st.increment >= 1, f"stages.increment must be at least 1, got {st.increment}")
     _check(st.ipc >= st.increment and st.ipc % st.increment == 0,

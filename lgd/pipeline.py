@@ -16,6 +16,8 @@ class, as in the papers' code (which makes one image at a time), while the batch
 """
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import math
 import os
@@ -29,7 +31,7 @@ import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from lgd.acceleration import apply_speedups
+from lgd.acceleration import apply_speedups, tf32
 from lgd.checkpoints import load_classifier, save_classifier
 from lgd.classifiers import build_classifier
 from lgd.config import Config, TrainSection
@@ -46,6 +48,7 @@ from lgd.guidance import (
     top1_per_group,
 )
 from lgd.guidance.common import to_classifier_input
+from lgd.kernels.policy import kernel_mode, resolve_mode
 from lgd.files import atomic_path, write_json, write_png, write_tensors
 from lgd.models import load_dit
 from lgd.models.vae import IdentityCodec, load_vae
@@ -90,7 +93,7 @@ def load_generator(config: Config, device: torch.device) -> Generator:
         return demo_paths()[kind] if value == "demo" else value
 
     dit = load_dit(path("dit", config.model.dit), num_heads=config.model.dit_num_heads, device=device)
-    dit.eval().requires_grad_(False)
+    dit.eval().requires_grad_(False).set_attention_backend(config.model.attention)
     if config.model.vae == "identity":
         codec = IdentityCodec(dit.config.in_channels)
     else:
@@ -115,8 +118,15 @@ def read_config_file(run: Path) -> dict:
     return yaml.safe_load((run / "config.yaml").read_text())
 
 
+# Fields a resume may change: they say how to compute, and never touch a finished image.
+# sampling.batch_size (the fix after running out of memory) does change the float order, so
+# the images still to be made may differ in their last bits from an uninterrupted run's.
+RESUMABLE = ("sampling.batch_size", "distributed_timeout")
+
+
 def claim_run_dir(run: Path, config: Config) -> None:
-    """Write the resolved config, or check that a resumed run uses the same one."""
+    """Write the resolved config, or check that a resumed run uses the same one up to the
+    RESUMABLE fields; a change to those rewrites config.yaml and is appended to history.jsonl."""
     wanted = config.to_dict()
     path = run / "config.yaml"
     if path.exists():
@@ -124,15 +134,29 @@ def claim_run_dir(run: Path, config: Config) -> None:
             found = Config.from_dict(read_config_file(run)).to_dict()
         except ConfigError as exc:
             raise ConfigError(f"{path} does not fit this version of lgd: {exc}") from None
-        if found != wanted:
-            diff = sorted(_diff(found, wanted))
-            raise ConfigError(f"{run} was started with a different config ({', '.join(diff[:5])}); "
+        diff = sorted(_diff(found, wanted))
+        refused = [key for key in diff if key not in RESUMABLE]
+        if refused:
+            raise ConfigError(f"{run} was started with a different config ({', '.join(refused[:5])}); "
                               "use a new --out folder or the same settings")
         log.info("resuming the run in %s", run)
-        return
+        if not diff:
+            return
+        changed = {key: [_get(found, key), _get(wanted, key)] for key in diff}
+        log.info("this resume changes %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "event": "resume", "changed": changed}
+        with open(run / "history.jsonl", "a") as history:
+            history.write(json.dumps(entry) + "\n")
     run.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(wanted, sort_keys=False))
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def _diff(a, b, prefix=""):
@@ -198,7 +222,7 @@ class Distiller:
     def __init__(self, config: Config, run: str | Path, progress: bool = True):
         self.config = config
         self.run = Path(run)
-        self.runtime = Runtime()
+        self.runtime = Runtime(config.distributed_timeout)
         self.progress = progress and self.runtime.is_main
         self.device = self.runtime.device if config.device == "auto" and self.runtime.world > 1 \
             else resolve_device(config.device)
@@ -297,7 +321,7 @@ class Distiller:
             batches = [batch for batch in batches
                        if not all((root / record_name(stage, c, slot)).exists() for c, slot, _ in batch)]
             done = [item for batch in batches[self.runtime.rank :: self.runtime.world]
-                    for item in self.generate_batch(stage, batch, tag, make_guidance, kappa, score)]
+                    for item in self.generate_batch_or_explain(stage, batch, tag, make_guidance, kappa, score)]
             self.write(root, self.runtime.gather(done))
             for c in range(self.num_classes):  # every rank: the same memory, read back from the files
                 for s in chunk:
@@ -330,6 +354,13 @@ class Distiller:
         latents = torch.cat(latents)
         failed |= set((~torch.isfinite(latents.flatten(1)).all(dim=1)).nonzero().squeeze(1).tolist())
         return latents, failed
+
+    def generate_batch_or_explain(self, stage, jobs, tag, make_guidance, kappa, score) -> list[Finished]:
+        """generate_batch, with running out of device memory said in one line with what to change."""
+        try:
+            return self.generate_batch(stage, jobs, tag, make_guidance, kappa, score)
+        except torch.OutOfMemoryError:
+            raise LgdError(out_of_memory_message(self.device, len(jobs), kappa, self.config.sampling.batch_size)) from None
 
     def generate_batch(self, stage, jobs, tag, make_guidance, kappa, score) -> list[Finished]:
         """Sample the (class, slot, candidate) jobs, redraw NaN/inf candidates, keep each group's top S."""
@@ -455,19 +486,18 @@ class Distiller:
         synthetic = load_synthetic(self.run, stages=list(range(1, stage)))
         student = self.trained_classifier(f"stage_{stage:02d}", c.lgd.stage_model,
                                           (synthetic.images, synthetic.labels), ipc=inc * (stage - 1))
-        fused = c.sampling.engine == "fast"
 
         def score(images, labels):
             with torch.no_grad():
                 x = to_classifier_input(images, self.classifier_size)
-                return learnability(student, reference, x, labels, c.lgd.omega, fused)
+                return learnability(student, reference, x, labels, c.lgd.omega)
 
         make = lambda classes: LearnabilityGuidance(
             codec=self.generator.codec, student=student, reference=reference,
             alphas_cumprod=self.generator.alphas_cumprod, omega=c.lgd.omega, lam=c.lgd.lam,
             rho_scale=c.lgd.rho_scale, window=c.lgd.window,
             deviation=Deviation(memory, c.lgd.gamma, self.device, classes=classes),
-            classifier_size=self.classifier_size, fused=fused)
+            classifier_size=self.classifier_size)
         self.generate(self.run, stage, range((stage - 1) * inc, stage * inc), memory, "lgd", make, c.lgd.kappa, score)
 
     def baseline(self, name: str) -> None:
@@ -483,23 +513,46 @@ class Distiller:
 
     # --- the whole run ------------------------------------------------------------------
     def run_all(self) -> Path:
+        s = self.config.sampling
+        kernels = "torch" if s.engine == "reference" else resolve_mode(s.kernels)  # reference: plain ops only
         try:
-            self.prepare()
-            c = self.config
-            memory = ClassMemory(c.lgd.memory)
-            self.seed_increment(self.run, c.stages.seed, range(c.stages.increment), memory)
-            if self.stages > 1:
-                reference = self.trained_classifier("reference", c.lgd.reference_model, self.train_set, ipc=None)
-                for stage in range(2, self.stages + 1):
-                    self.lgd_stage(stage, memory, reference)
-            for name in c.eval.baselines:
-                if name != "random":
-                    self.baseline(name)
-            if self.runtime.is_main:
-                write_json(self.run / "done.json", {"images": c.stages.ipc * self.num_classes, "stages": self.stages})
+            with kernel_mode(kernels), tf32(s.tf32):
+                self._run_stages()
         finally:
             self.runtime.shutdown()
         return self.run
+
+    def _run_stages(self) -> None:
+        """The staged loop of the module docstring."""
+        self.prepare()
+        c = self.config
+        memory = ClassMemory(c.lgd.memory)
+        self.seed_increment(self.run, c.stages.seed, range(c.stages.increment), memory)
+        if self.stages > 1:
+            reference = self.trained_classifier("reference", c.lgd.reference_model, self.train_set, ipc=None)
+            for stage in range(2, self.stages + 1):
+                self.lgd_stage(stage, memory, reference)
+        for name in c.eval.baselines:
+            if name != "random":
+                self.baseline(name)
+        if self.runtime.is_main:
+            write_json(self.run / "done.json", {"images": c.stages.ipc * self.num_classes, "stages": self.stages})
+
+
+def out_of_memory_message(device: torch.device, candidates: int, kappa: int, batch_size: int) -> str:
+    """What to do after a sampling batch ran out of device memory (the run resumes where it stopped)."""
+    where = str(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        where += f" ({total:.0f} GiB)"
+    smaller = max(1, batch_size // 2 // kappa) * kappa
+    if candidates <= kappa:
+        return (f"out of memory on {where} sampling one group of {candidates} candidates (lgd.kappa={kappa}): "
+                "a batch holds at least one group; lower lgd.kappa, use sampling.precision=bf16 without "
+                "sampling.fp32_guidance, or a device with more memory")
+    return (f"out of memory on {where} sampling a batch of {candidates} candidates (sampling.batch_size="
+            f"{batch_size}); rerun the same command with sampling.batch_size={smaller}: finished images are kept "
+            "and the run resumes where it stopped")
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -4,11 +4,18 @@ One `Runtime` per process: rank and world size from Accelerate's PartialState (a
 process when not launched by `accelerate launch`), barriers, gathering Python objects onto
 every rank, the run-directory lock, and the clean shutdown that keeps multi-process CPU runs
 from aborting at exit.
+
+The process group is created with the run's `distributed_timeout`: the main process trains
+theta* and IGD's surrogate alone while the other ranks wait at a barrier, which takes longer
+than NCCL's default 10 minutes at ImageNette scale and hours at ImageNet scale.
 """
 from __future__ import annotations
 
 import fcntl
+import contextlib
+import datetime
 import gc
+import logging
 import os
 from pathlib import Path
 
@@ -16,18 +23,31 @@ import torch
 
 from lgd.errors import ConfigError, LgdError
 
+log = logging.getLogger(__name__)
+DEFAULT_TIMEOUT_MINUTES = 180.0  # the config's distributed_timeout default
+# `accelerate launch` flags that configure Accelerator objects, which lgd does not use: its
+# precision and compilation are per-section config fields.
+IGNORED_LAUNCH_FLAGS = {
+    "ACCELERATE_MIXED_PRECISION": ("--mixed_precision", "sampling.precision and each training section's precision"),
+    "ACCELERATE_DYNAMO_BACKEND": ("--dynamo_backend", "sampling.compile and each training section's compile"),
+}
+
 
 class Runtime:
-    def __init__(self):
+    def __init__(self, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES):
         from accelerate import PartialState
 
         # PartialState reads ACCELERATE_USE_CPU only when told: without cpu=True, a multi-process
         # CPU launch would start independent single processes that each think they are rank 0.
         force_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        self.state = PartialState(cpu=force_cpu or not torch.cuda.is_available())
+        self.timeout_minutes = timeout_minutes
+        self.state = PartialState(cpu=force_cpu or not torch.cuda.is_available(),
+                                  timeout=datetime.timedelta(minutes=timeout_minutes))
         self.rank = self.state.process_index
         self.world = self.state.num_processes
         self._lock = None
+        if self.is_main:
+            warn_ignored_launch_flags()
 
     @property
     def is_main(self) -> bool:
@@ -40,7 +60,8 @@ class Runtime:
 
     def barrier(self) -> None:
         if self.world > 1:
-            self.state.wait_for_everyone()
+            with self._waiting("a barrier"):
+                self.state.wait_for_everyone()
 
     def gather(self, items: list) -> list:
         """Concatenate every rank's list, in rank order, on every rank."""
@@ -48,15 +69,32 @@ class Runtime:
             return items
         from accelerate.utils import gather_object
 
-        return gather_object(items)
+        with self._waiting("gathering results"):
+            return gather_object(items)
 
     def share(self, value):
         """The main process's value, on every rank."""
         if self.world == 1:
             return value
         box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
+        with self._waiting("receiving the main process's value"):
+            torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    @contextlib.contextmanager
+    def _waiting(self, what: str):
+        """A collective that timed out (or whose peer died) ends in one line, not a gloo/NCCL trace."""
+        try:
+            yield
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            text = str(exc)
+            if "timed out" in text.lower() or "timeout" in text.lower():
+                raise LgdError(
+                    f"process {self.rank} of {self.world} waited more than distributed_timeout="
+                    f"{self.timeout_minutes:g} minutes at {what}; if the main process's training takes longer, "
+                    "raise it (e.g. distributed_timeout=600)") from None
+            raise LgdError(f"process {self.rank} of {self.world} lost the other processes at {what}: "
+                           f"{text.splitlines()[0] if text else type(exc).__name__}") from None
 
     def lock(self, run: Path) -> None:
         """Refuse a second run on a run directory that is in use (the main process holds the lock;
@@ -94,3 +132,11 @@ class Runtime:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def warn_ignored_launch_flags() -> None:
+    """One warning line per `accelerate launch` flag that lgd does not honour."""
+    for variable, (flag, instead) in IGNORED_LAUNCH_FLAGS.items():
+        value = os.environ.get(variable, "").strip()
+        if value and value.lower() != "no":
+            log.warning("accelerate launch %s=%s is ignored: lgd sets this with %s in the config", flag, value, instead)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lgd.acceleration import PRECISIONS, apply_speedups
 from lgd.errors import ConfigError
 from lgd.files import write_json, write_png
+from lgd.kernels.policy import MODES, kernel_mode, resolve_mode
 from lgd.models import load_dit
 from lgd.models.vae import IdentityCodec, load_vae
 from lgd.sampling import Sampler, SamplerSettings
@@ -52,10 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT and the VAE decoder")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="autocast dtype of the DiT and VAE (auto: bf16 on GPUs that support it, else fp32)")
+                        help="autocast dtype of the DiT and VAE (auto: bf16 on GPUs with native bf16, else fp32)")
+    parser.add_argument("--kernels", choices=MODES, default="auto",
+                        help="fused kernels: auto (those validated for the device), fused (all), torch (none); "
+                             "$LGD_KERNELS overrides")
 
 
 def run(args: argparse.Namespace) -> Path:
+    with kernel_mode(resolve_mode(args.kernels)):
+        return _sample(args)
+
+
+def _sample(args: argparse.Namespace) -> Path:
     settings = SamplerSettings(args.steps, args.cfg_scale, args.cfg_channels, args.method, args.eta)
     settings.validate()
     if args.per_class < 1 or args.batch_size < 1:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from lgd.diffusion import Diffusion
+from lgd.diffusion import DeviceTable, Diffusion
 from lgd.errors import ConfigError
 from lgd.seeding import NoiseStream
 
@@ -58,9 +58,10 @@ class Sampler:
         self.latent_shape = tuple(latent_shape)
         learn_sigma = dit.config.learn_sigma
         self.diffusion = Diffusion(num_sampling_steps=settings.steps, learn_sigma=learn_sigma)
+        self.timesteps = DeviceTable(self.diffusion.timesteps)
 
     def model_output(self, x: torch.Tensor, i: int, labels: torch.Tensor) -> torch.Tensor:
-        t = self.diffusion.timesteps[i].to(x.device).expand(x.shape[0])
+        t = self.timesteps.at(i, x, keep_dtype=True).expand(x.shape[0])
         s = self.settings
         if s.cfg_scale == 1.0:
             return self.dit(x, t, labels)

@@ -7,6 +7,7 @@ import torch
 from lgd.classifiers import build_classifier
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
 from lgd.guidance import class_mean_gradients, learnability, top1_per_group
+from lgd.kernels.policy import kernel_mode
 from lgd.models import load_dit
 from lgd.models.vae import load_vae
 from lgd.sampling import Sampler, SamplerSettings
@@ -48,14 +49,15 @@ def test_lgd_fast_equals_reference(parts):
     sampler, codec, (student, reference), memory = parts
     seeds = list(range(100, 100 + SLOTS * KAPPA))
     results = {}
-    for engine, fused in (("reference", False), ("fast", True)):
+    for engine, kernels in (("reference", "torch"), ("fast", "fused")):
         guidance = LearnabilityGuidance(
             codec=codec, student=student, reference=reference, alphas_cumprod=sampler.diffusion.alphas_cumprod,
-            omega=0.5, lam=15.0, rho_scale=0.01, window=(1, 6), deviation=Deviation(memory, 0.5), fused=fused)
-        latents = sample(sampler, seeds, guidance, one_at_a_time=engine == "reference")
-        with torch.no_grad():
-            scores = learnability(student, reference, codec.decode(latents).clamp(0, 1),
-                                  torch.full((len(seeds),), CLASS), 0.5, fused)[0]
+            omega=0.5, lam=15.0, rho_scale=0.01, window=(1, 6), deviation=Deviation(memory, 0.5))
+        with kernel_mode(kernels):
+            latents = sample(sampler, seeds, guidance, one_at_a_time=engine == "reference")
+            with torch.no_grad():
+                scores = learnability(student, reference, codec.decode(latents).clamp(0, 1),
+                                      torch.full((len(seeds),), CLASS), 0.5)[0]
         results[engine] = (latents, top1_per_group(scores, KAPPA))
     (ref_latents, ref_winners), (fast_latents, fast_winners) = results["reference"], results["fast"]
     scale = ref_latents.abs().max()

@@ -7,6 +7,7 @@ from lgd.classifiers import build_classifier
 from lgd.guidance import ClassMemory, Deviation, InfluenceLoss, LearnabilityGuidance, learnability, top1_per_group
 from lgd.guidance.deviation import cosine_gradient
 from lgd.guidance.influence import class_mean_gradients, select_checkpoints
+from lgd.kernels.policy import kernel_mode
 from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
 from lgd.sampling import Sampler, SamplerSettings
@@ -170,9 +171,10 @@ def test_fused_learnability_equals_plain_with_gradients(shape):
     reference = torch.nn.Linear(8, classes)
     labels = torch.randint(0, classes, (n,))
     results = []
-    for fused in (False, True):
+    for mode in ("torch", "fused"):
         x = torch.randn(n, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        s, ce_s, ce_r = learnability(student, reference, x, labels, 0.5, fused=fused)
+        with kernel_mode(mode):
+            s, ce_s, ce_r = learnability(student, reference, x, labels, 0.5)
         (grad,) = torch.autograd.grad(s.sum(), x)
         results.append((s, ce_s, ce_r, grad))
     for plain, fused in zip(*results):

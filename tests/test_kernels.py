@@ -14,29 +14,17 @@ import sys
 import pytest
 import torch
 
-from lgd.kernels import adaln_norm, group_norm_silu as gns, learnability as lrn
-from lgd.kernels._common import HAS_TRITON, KernelInputError
+from lgd.kernels import adaln_norm, group_norm_silu as gns, learnability as lrn, policy
+from lgd.kernels._common import HAS_TRITON, LOW_PRECISION, KernelInputError, flash_rule
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32,) + LOW_PRECISION
 
 
 def assert_matches(fast, ref_fp32, ref_lowp, dtype, atol=1e-5, name=""):
     """fp32: tight. bf16/fp16: within twice PyTorch's own error in that precision."""
-    fast_dtype = fast.dtype
-    fast, ref_fp32 = fast.double(), ref_fp32.double()
-    err = (fast - ref_fp32).abs().max().item()
-    scale = ref_fp32.abs().max().item()
-    if dtype == torch.float32:
-        bound = atol + 1e-5 * scale
-    else:
-        # atol also admits rounding the result itself to a low-precision output (one ulp of the
-        # largest value): PyTorch's own max error can miss that by luck on a few big entries.
-        if fast_dtype in LOW_PRECISION:
-            atol += torch.finfo(fast_dtype).eps * scale
-        bound = 2 * (ref_lowp.double() - ref_fp32).abs().max().item() + atol
+    err, bound = flash_rule(fast, ref_fp32, ref_lowp, dtype, atol)
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} ({dtype})"
 
 
@@ -270,8 +258,8 @@ def test_fused_decoder_matches_plain_decoder(monkeypatch):
         return out, torch.autograd.grad(out, leaf, dy)[0]
 
     want = run(plain)
-    for route in ("reference", "triton"):
-        monkeypatch.setattr(gns, "use_triton", lambda t, r=route: r == "triton")
+    for route in ("torch", "triton"):
+        monkeypatch.setattr(policy, "backend", lambda kernel, device, r=route: r)
         got = run(fused)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=route)

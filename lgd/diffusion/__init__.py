@@ -1,9 +1,10 @@
 """Gaussian diffusion backbone: linear schedule, ADM respacing, DDPM/DDIM steps, hybrid loss."""
 from lgd.diffusion.gaussian import Diffusion, MeanVariance, ProcessCoefficients, gather
 from lgd.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
-from lgd.diffusion.schedule import linear_betas, respace_betas, respaced_schedule, space_timesteps
+from lgd.diffusion.schedule import DeviceTable, linear_betas, respace_betas, respaced_schedule, space_timesteps
 
 __all__ = [
+    "DeviceTable",
     "Diffusion",
     "MeanVariance",
     "ProcessCoefficients",

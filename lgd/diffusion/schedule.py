@@ -63,3 +63,20 @@ def respaced_schedule(
     alphas_cumprod = torch.cumprod(1.0 - base_betas, dim=0)
     timesteps = space_timesteps(num_train_timesteps, num_sampling_steps)
     return respace_betas(alphas_cumprod, timesteps), torch.tensor(timesteps, dtype=torch.long)
+
+
+class DeviceTable:
+    """A per-step host table (timesteps, alphas_cumprod) copied to the device once, at its first
+    use there. `at(i, like)` is then an index into a device tensor: no host-to-device copy per
+    denoising step (which would also rule out CUDA graphs). The values are those of
+    `values.to(like)`, so results are unchanged."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+        self._copy = values
+
+    def at(self, i: int, like: torch.Tensor, *, keep_dtype: bool = False) -> torch.Tensor:
+        dtype = self.values.dtype if keep_dtype else like.dtype
+        if self._copy.device != like.device or self._copy.dtype != dtype:
+            self._copy = self.values.to(device=like.device, dtype=dtype)
+        return self._copy[i]

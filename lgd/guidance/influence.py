@@ -19,6 +19,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from lgd.diffusion import DeviceTable
 from torch.func import functional_call, grad, vmap
 
 from lgd.guidance.deviation import Deviation
@@ -142,7 +144,7 @@ class InfluenceGuidance:
         reference: bool = False,
     ):
         self.codec, self.loss = codec, loss
-        self.alphas_cumprod = alphas_cumprod
+        self.alphas_cumprod = DeviceTable(alphas_cumprod)
         self.k, self.rho_scale = k, rho_scale
         self.window, self.deviation = window, deviation
         self.classifier_size = classifier_size
@@ -170,6 +172,6 @@ class InfluenceGuidance:
     def __call__(self, x_t, i, eps, x0_hat, labels):
         g = self.nonfinite.clean(self.gradient(x_t, x0_hat, labels))
         shape = (-1,) + (1,) * (g.dim() - 1)
-        alpha_bar = self.alphas_cumprod[i].to(g)
+        alpha_bar = self.alphas_cumprod.at(i, g)
         rho = (1 - alpha_bar).sqrt() * self.rho_scale * rms(eps.detach()) / rms(g).clamp_min(1e-12)
         return -self.k * rho.view(shape) * g + self.deviation(x_t, labels)

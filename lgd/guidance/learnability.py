@@ -10,19 +10,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lgd.diffusion import DeviceTable
+
 from lgd.guidance.common import NonFinite, to_classifier_input
-from lgd.kernels.learnability import learnability as fused_learnability
 from lgd.guidance.deviation import Deviation
+from lgd.kernels import policy
+from lgd.kernels.learnability import learnability as fused_learnability
 
 
 def learnability(
     student: torch.nn.Module, reference: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-    omega: float, fused: bool = False,
+    omega: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (S, CE_student, CE_reference); S is differentiable w.r.t. the images.
-    fused=True computes both CEs, S and dS/dlogits in one op (Triton on CUDA, C++ on CPU)."""
+    Where the kernel policy has a fused op for the device (Triton on CUDA, C++ on CPU), both
+    CEs, S and dS/dlogits come from one pass; else from plain cross-entropies."""
     student_logits, reference_logits = student(images), reference(images)
-    if fused:
+    if policy.backend("learnability", student_logits.device) != "torch":
         result = fused_learnability(student_logits, reference_logits, labels, omega, kappa=1)
         return result.score, result.ce_student, result.ce_reference
     ce_student = F.cross_entropy(student_logits, labels, reduction="none")
@@ -64,11 +68,9 @@ class LearnabilityGuidance:
         window: tuple[int, int],
         deviation: Deviation,
         classifier_size: int | None = None,
-        fused: bool = False,
     ):
         self.codec, self.student, self.reference = codec, student, reference
-        self.fused = fused
-        self.alphas_cumprod = alphas_cumprod
+        self.alphas_cumprod = DeviceTable(alphas_cumprod)
         self.omega, self.lam, self.rho_scale = omega, lam, rho_scale
         self.window, self.deviation = window, deviation
         self.classifier_size = classifier_size
@@ -79,9 +81,9 @@ class LearnabilityGuidance:
 
     def __call__(self, x_t, i, eps, x0_hat, labels):
         images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
-        scores, _, _ = learnability(self.student, self.reference, images, labels, self.omega, self.fused)
+        scores, _, _ = learnability(self.student, self.reference, images, labels, self.omega)
         (grad,) = torch.autograd.grad(scores.sum(), x_t)
         grad = self.nonfinite.clean(grad)
-        alpha_bar = self.alphas_cumprod[i].to(grad)
+        alpha_bar = self.alphas_cumprod.at(i, grad)
         rho = self.rho_scale * guidance_scale(alpha_bar, eps, grad)
         return self.lam * rho * grad + self.deviation(x_t, labels)

@@ -26,12 +26,11 @@ runs eagerly, with exactly the reference's draws, so both engines see the same b
 
 Precision: fp32 on CPU; on CUDA `precision` auto autocasts the forward to bf16 where the GPU
 has it (lgd.acceleration.resolve_precision) and fp32 work uses TF32; parameters, momenta and
-the update stay fp32. The CUDA paths (bf16, TF32, channels_last, vmap by default, group
+the update stay fp32; `precision: fp32` turns TF32 off. The CUDA paths (bf16, TF32, channels_last, vmap by default, group
 size from free memory) have not run on a GPU yet.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import types
 from collections.abc import Callable
@@ -237,20 +236,6 @@ class _State:
                 p.copy_(self.params[k] if index is None else self.params[k][index])
 
 
-@contextlib.contextmanager
-def _matmul_precision(device: torch.device, dtype: torch.dtype, precision: str):
-    """TF32 matmuls and convolutions for fp32 work on CUDA unless precision says strict fp32."""
-    if device.type != "cuda" or dtype != torch.float32 or precision == "fp32":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _canonical(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
     """x in one fixed layout with canonical strides. Dynamo guards on strides, and the
     augmentations return varying ones (DSA's crop permutes; a 1-channel image counts as
@@ -320,7 +305,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
                 device: torch.device, eval_data, eval_every: int, progress: bool) -> list[TrainHistory]:
     """The fast engine's loop over a group of members (lgd.training.trainer.Member) with equal
     architecture and data size; called by lgd.training.train_classifiers."""
-    from lgd.acceleration import resolve_precision
+    from lgd.acceleration import resolve_precision, tf32
     from lgd.training.trainer import accuracies, true_class_probability
 
     models = [m.model for m in members]
@@ -351,7 +336,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
             m.on_epoch(0, m.model)
     bar = tqdm(range(1, epochs + 1), desc=f"train {section.recipe}" + (f" x{len(members)}" if len(members) > 1 else ""),
                unit="epoch", leave=False, disable=not progress)
-    with _matmul_precision(device, dtype, section.precision):
+    with tf32(section.precision != "fp32"):  # strict fp32 only when asked for (CUDA reads it)
         for epoch in bar:
             lr_t = torch.full((len(members),) if stacked else (), lr, device=device)
             totals = [torch.zeros((), device=device) for _ in members]
