@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from lgd.acceleration import PRECISIONS, apply_speedups, resolve_precision
+from lgd.acceleration import PRECISIONS, apply_speedups, resolve_precision, tf32
 from lgd.classifiers import build_classifier
 from lgd.config import load_config
 from lgd.errors import ConfigError
@@ -123,6 +123,29 @@ def test_resolve_precision():
                                                                                  torch.float16]
     with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
         resolve_precision("fp8", "cpu")
+
+
+@pytest.mark.parametrize("capability,auto", [((7, 0), torch.float32), ((7, 5), torch.float32),
+                                             ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, auto):
+    """A V100 (7.0) or T4 (7.5) emulates bf16 (is_bf16_supported says yes): auto stays fp32 there,
+    and an explicit bf16 is refused with the reason."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == auto
+    if auto == torch.float32:
+        with pytest.raises(ConfigError, match=f"compute capability {capability[0]}.{capability[1]}.*no native bf16"):
+            resolve_precision("bf16", "cuda")
+    else:
+        assert resolve_precision("bf16", "cuda") == torch.bfloat16
+
+
+def test_tf32_switch_sets_both_backends_and_restores_them():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for enabled in (True, False):
+        with tf32(enabled):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
 def test_low_precision_wraps_calls_keeps_fp32_weights_and_outputs_and_applies_once():

@@ -72,3 +72,26 @@ def test_each_bad_value_is_rejected_with_a_clear_message(override, message):
 def test_unknown_preset_or_file():
     with pytest.raises(ConfigError, match="neither a preset"):
         load_config("nonsense")
+
+
+def test_gpu_switches_are_validated():
+    assert load_config("demo").model.attention == "sdpa"
+    with pytest.raises(ConfigError, match="model.attention must be one of sdpa, math, xformers"):
+        load_config("demo", ["model.attention=flash"])
+    with pytest.raises(ConfigError, match="cannot be combined with sampling.compile=true"):
+        load_config("demo", ["model.attention=xformers", "sampling.compile=true"])
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="model.attention=xformers needs the xformers package"):
+            load_config("demo", ["model.attention=xformers"])
+    with pytest.raises(ConfigError, match="distributed_timeout must be positive"):
+        load_config("demo", ["distributed_timeout=0"])
+    assert load_config("demo", ["sampling.tf32=false"]).sampling.tf32 is False
+
+
+def test_attention_field_reaches_the_dit(tmp_path):
+    from lgd.pipeline import load_generator
+
+    config = load_config("demo", ["model.attention=math"])
+    assert load_generator(config, "cpu").dit.attention_backend == "math"

@@ -177,3 +177,59 @@ def test_compile_switch_reaches_the_influence_loss(tiny_models, tmp_path):
             assert distiller.influence_loss().compiled is compile
         finally:
             distiller.runtime.shutdown()
+
+
+def test_out_of_memory_is_one_line_and_resumes_with_a_smaller_batch(tiny_models, tmp_path, monkeypatch):
+    """A batch that runs out of device memory ends the run with the batch size to use; the same
+    command with that sampling.batch_size resumes it (the change goes to history.jsonl) and
+    keeps every finished image."""
+    from lgd.errors import LgdError
+
+    generate = Distiller.generate_batch
+
+    def small_memory(self, stage, jobs, *args):
+        if stage == 2 and len(jobs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return generate(self, stage, jobs, *args)
+
+    monkeypatch.setattr(Distiller, "generate_batch", small_memory)
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_models, **{"sampling.batch_size": 4, "eval.baselines": []})
+    with pytest.raises(LgdError) as failure:
+        Distiller(load_config("demo", overrides), run, progress=False).run_all()
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "out of memory on cpu sampling a batch of 4 candidates (sampling.batch_size=4)" in message
+    assert "sampling.batch_size=2" in message
+    seed_stage = files(run)
+    assert len(finished_records(run)) == 10 * 2  # stage 1 finished before stage 2 ran out
+
+    resumed = tiny_overrides(tiny_models, **{"sampling.batch_size": 2, "eval.baselines": []})
+    Distiller(load_config("demo", resumed), run, progress=False).run_all()
+    assert len(finished_records(run)) == 10 * 4
+    for name, data in seed_stage.items():
+        if name.startswith(("images/01", "latents/01", "records/01")):
+            assert files(run)[name] == data, name
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["changed"] == {"sampling.batch_size": [4, 2]}
+    assert "batch_size: 2" in (run / "config.yaml").read_text()
+
+
+def test_out_of_memory_with_one_group_per_batch_says_what_else_to_change():
+    from lgd.pipeline import out_of_memory_message
+
+    message = out_of_memory_message(torch.device("cpu"), 3, 3, 3)
+    assert "one group of 3 candidates (lgd.kappa=3)" in message and "sampling.batch_size=" not in message
+    assert "sampling.batch_size=6" in out_of_memory_message(torch.device("cpu"), 12, 3, 12)
+
+
+def test_reference_engine_runs_no_fused_kernel(tiny_models, tmp_path, monkeypatch):
+    """The kernel mode of a run: the configured one for the fast engine, plain ops for the reference."""
+    from lgd.kernels import policy
+
+    seen = []
+    monkeypatch.setattr(Distiller, "_run_stages", lambda self: seen.append(policy.current_mode()))
+    for engine, kernels in (("fast", "fused"), ("reference", "fused"), ("fast", "auto")):
+        overrides = tiny_overrides(tiny_models, **{"sampling.engine": engine, "sampling.kernels": kernels})
+        Distiller(load_config("demo", overrides), tmp_path / engine, progress=False).run_all()
+    assert seen == ["fused", "torch", "auto"]
