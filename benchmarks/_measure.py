@@ -13,6 +13,12 @@ Peak memory, two views of one run:
   alloc_peak  the peak of live bytes that torch's CPU allocator handed out during the run,
               replayed from the allocation events of torch.profiler(profile_memory=True).
 (tracemalloc sees only Python objects, not tensor storage, so it is not used.)
+
+Peak memory without running (`live_peak`): on the meta device, the high-water mark of the
+storages that ops create, each counted while it lives (a weakref on the storage) -- the
+activations autograd saves and the transients of forward and backward, not the weights or
+inputs made before the run. What a GPU's caching allocator adds on top (fragmentation,
+workspaces) is not in it.
 """
 from __future__ import annotations
 
@@ -22,10 +28,13 @@ import os
 import platform
 import re
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop, sdpa_flop
 
 aten = torch.ops.aten
@@ -122,6 +131,38 @@ def top_ops(prof, count: int = 15) -> list[dict]:
     averages.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 3),
              "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in averages[:count]]
+
+
+class _LiveStorage(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._seen.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._seen:
+                    nbytes = storage.nbytes()
+                    self._seen[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, n))
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def live_peak(fn: Callable[[], object]) -> int:
+    """Bytes: the peak of tensor storage created and alive at once while fn runs (see the docstring)."""
+    gc.collect()
+    with _LiveStorage() as counter:
+        fn()
+    return counter.peak
 
 
 def memory_and_profile(fn: Callable[[], object]) -> dict:

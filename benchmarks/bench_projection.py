@@ -1,5 +1,6 @@
-"""FLOPs of the guided steps at ImageNette scale, counted on the meta device (shapes only, no
-compute): the input of BENCHMARKS.md's projection of a full ImageNette run on one H100.
+"""FLOPs and memory of the guided steps at ImageNette scale, counted on the meta device (shapes
+only, no compute): the input of BENCHMARKS.md's projection of a full ImageNette run on one H100
+and of the README's table of the candidate batch that fits a 40 / 80 GB GPU.
 
     pytest benchmarks/bench_projection.py --benchmark-only -q
 
@@ -10,14 +11,14 @@ from the nette preset. The timed call is the counting itself and means nothing.
 """
 import torch
 
-from _measure import count_flops, environment
+from _measure import count_flops, environment, live_peak
 from _scenarios import CLASS, NUM_CLASSES, step_index
 
 from lgd.classifiers import build_classifier
 from lgd.config import Config, read_preset
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
 from lgd.models import create_dit
-from lgd.models.vae import LatentCodec
+from lgd.models.vae import LatentCodec, checkpoint_decoder_blocks
 from lgd.sampling import Sampler, SamplerSettings
 
 META = torch.device("meta")
@@ -31,8 +32,11 @@ SD_VAE = dict(  # the layout of sd-vae-ft-mse / sd-vae-ft-ema, the VAE of DiT-XL
 class MetaNoise:
     """Stands in for NoiseStream: shapes only."""
 
+    def __init__(self, batch: int = 1):
+        self.batch = batch
+
     def randn(self, *shape, dtype=torch.float32):
-        return torch.zeros(1, *shape, device=META, dtype=dtype)
+        return torch.zeros(self.batch, *shape, device=META, dtype=dtype)
 
 
 def nette_settings() -> dict:
@@ -108,3 +112,111 @@ def test_flops_imagenette_scale(benchmark):
     benchmark.pedantic(lambda: result.update(count_all(nette)), rounds=1, iterations=1, warmup_rounds=0)
     benchmark.extra_info["counts"] = result
     assert result["lgd_step"]["dit"] > 0 and result["lgd_step"]["codec"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the candidate batch that fits a GPU
+GiB = 2**30
+# Usable memory of the cards (torch.cuda total_memory, less the CUDA context) and the share
+# kept free for the caching allocator's fragmentation and cuDNN workspaces.
+CARDS = {"40 GB (A100-40GB)": 39.4 * GiB, "80 GB (A100/H100-80GB)": 79.1 * GiB}
+HEADROOM = 0.10
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_BATCH = 512
+
+
+def memory_models(nette: dict, dtype: torch.dtype, checkpoint_decoder: bool):
+    """DiT-XL/2, the SD-VAE codec and the classifiers on the meta device in `dtype`. A bf16 model
+    stands in for bf16 autocast, which keeps fp32 weights (counted: fp32 + bf16 copies) and
+    runs norms in fp32 (not counted: the bf16 figure is a slight underestimate)."""
+    from diffusers import AutoencoderKL
+
+    with META:
+        dit = create_dit("DiT-XL/2").eval().requires_grad_(False).to(dtype)
+        codec = LatentCodec(AutoencoderKL(**SD_VAE), scale=0.18215).eval().requires_grad_(False).to(dtype)
+    if checkpoint_decoder:
+        checkpoint_decoder_blocks(codec.vae.decoder)
+    size = nette["classifier_size"]
+    classifier = lambda name: build_classifier(name, 3, NUM_CLASSES, size).to(META).eval().requires_grad_(False)
+    return dit, codec, classifier
+
+
+def guided_step_bytes(nette: dict, kind: str, dtype: torch.dtype, checkpoint_decoder: bool):
+    """(weights, peak of one guided step as a function of the candidate batch) in bytes."""
+    dit, codec, classifier = memory_models(nette, dtype, checkpoint_decoder)
+    sampler = Sampler(dit, SamplerSettings(nette["steps"], nette["cfg_scale"]), (4, 32, 32))
+    alphas, no_memory, size = sampler.diffusion.alphas_cumprod, ClassMemory(1), nette["classifier_size"]
+    if kind == "lgd":
+        student, reference = classifier(nette["network"]), classifier(nette["network"])
+        guidance = LearnabilityGuidance(
+            codec=codec, student=student, reference=reference, alphas_cumprod=alphas, omega=0.5, lam=15.0,
+            rho_scale=0.0015, window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0),
+            classifier_size=size)
+        nets = [student, reference]
+    else:
+        surrogate = classifier(nette["surrogate"])
+        params = {k: torch.empty_like(v) for k, v in surrogate.named_parameters()}
+        total = sum(v.numel() for v in params.values())
+        loss = InfluenceLoss(surrogate, [params] * nette["checkpoints"],
+                             torch.empty(nette["checkpoints"], NUM_CLASSES, total, device=META))
+        guidance = InfluenceGuidance(codec=codec, loss=loss, alphas_cumprod=alphas, k=5.0, rho_scale=0.0015,
+                                     window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0),
+                                     classifier_size=size)
+        nets = [surrogate]
+    weights = sum(p.numel() * p.element_size() for m in (dit, codec, *nets) for p in m.parameters())
+    if dtype != torch.float32:  # autocast keeps the fp32 weights and caches low-precision copies
+        weights += sum(p.numel() * 4 for m in (dit, codec) for p in m.parameters())
+    if kind == "igd":
+        weights += sum(v.numel() * 4 for v in params.values()) * nette["checkpoints"] + loss.targets.numel() * 4
+
+    def peak(batch: int) -> int:
+        x = torch.zeros(batch, 4, 32, 32, device=META, dtype=dtype)
+        y = torch.full((batch,), CLASS, device=META)
+        with torch.no_grad():
+            bytes_ = live_peak(lambda: sampler.step(x, step_index(nette["steps"]), y, MetaNoise(batch), guidance, y))
+        guidance.nonfinite.mask = None  # the next call has another batch size (no failures on meta)
+        return bytes_
+
+    return weights, peak
+
+
+def largest_batch(fits) -> int:
+    """The largest batch b in 0..MAX_BATCH with fits(b) (fits is monotone), by bisection."""
+    lo, hi = 0, MAX_BATCH
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def memory_rows(nette: dict) -> list[dict]:
+    rows = []
+    for kind in ("lgd", "igd"):
+        for precision, dtype in PRECISIONS.items():
+            for checkpointed in (False, True):
+                weights, peak = guided_step_bytes(nette, kind, dtype, checkpointed)
+                row = {"kind": kind, "precision": precision, "checkpoint_decoder": checkpointed,
+                       "weights_bytes": weights, "per_batch": {}}
+                for batch in (1, nette["batch_size"]):
+                    row["per_batch"][batch] = weights + peak(batch)
+                row["fits"] = {card: largest_batch(lambda b: weights + peak(b) <= (1 - HEADROOM) * usable)
+                               for card, usable in CARDS.items()}
+                rows.append(row)
+    return rows
+
+
+def test_memory_imagenette_scale(benchmark):
+    """Peak memory of one guided step at the nette preset's batch, and the largest candidate batch
+    that fits each card, per kind, precision and decoder checkpointing."""
+    nette = {**nette_settings(), "batch_size": read_preset("nette")["sampling"]["batch_size"]}
+    rows = []
+    benchmark.group = "guided step memory at ImageNette scale (meta device)"
+    benchmark.extra_info.update(
+        kernel="memory_count", provider="meta", path="projection", nette=nette, headroom=HEADROOM,
+        cards={k: v / GiB for k, v in CARDS.items()},
+        models="DiT-XL/2 @ 32x32x4, SD-VAE decoder, ConvNet-6 @ 224 px", **environment(),
+    )
+    benchmark.pedantic(lambda: rows.extend(memory_rows(nette)), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["rows"] = rows
+    fp32 = next(r for r in rows if r["kind"] == "lgd" and r["precision"] == "fp32" and not r["checkpoint_decoder"])
+    assert fp32["per_batch"][nette["batch_size"]] > fp32["per_batch"][1] > fp32["weights_bytes"]

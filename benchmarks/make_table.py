@@ -598,7 +598,35 @@ def training_projection(benchmarks: list[dict]) -> list[str]:
     return lines
 
 
-KNOWN = {"mm", "guided_step", "guided_sampling", "guided_step_memory", "flop_count", "training", "training_flop_count"}
+KNOWN = {"mm", "guided_step", "guided_sampling", "guided_step_memory", "flop_count", "training", "training_flop_count",
+         "memory_count"}
+GPU_MEMORY_TITLE = "## GPU memory of one guided step at ImageNette scale"
+
+
+def gpu_memory_section(benchmarks: list[dict]) -> list[str]:
+    """bench_projection.py's meta-device count: peak memory and the candidate batch that fits."""
+    found = by_kernel(benchmarks, "memory_count")
+    if not found:
+        return []
+    info = found[0]["extra_info"]
+    batch = str(info["nette"]["batch_size"])
+    cards = list(info["cards"])
+    header = ["step", "precision", "decoder checkpointing", "weights GiB", "peak GiB, batch 1",
+              f"peak GiB, batch {batch}"] + [f"largest batch, {card}" for card in cards]
+    rows = [[r["kind"].upper(), r["precision"], "on" if r["checkpoint_decoder"] else "off",
+             fmt(r["weights_bytes"] / 2**30), fmt(r["per_batch"]["1"] / 2**30), fmt(r["per_batch"][batch] / 2**30)]
+            + [r["fits"][card] for card in cards] for r in info["rows"]]
+    return [GPU_MEMORY_TITLE, "",
+            f"Counted, not measured: `benchmarks/bench_projection.py` runs one guided step (the nette preset: "
+            f"{info['models']}, E={info['nette']['checkpoints']} surrogate checkpoints for IGD) on the meta device "
+            "and records the high-water mark of live tensor storage (saved activations and the transients of "
+            "forward and backward) plus the weights. bf16 stands for autocast: fp32 weights and their bf16 "
+            "copies are counted, the norms autocast keeps in fp32 are not (a slight underestimate). The largest "
+            f"batch leaves {info['headroom']:.0%} of the card free for the allocator and workspaces. The batch "
+            "is in candidates (`sampling.batch_size`; LGD batches are whole groups of kappa). `sampling."
+            "fp32_guidance` runs the guided steps in fp32: use the fp32 rows. Decoder checkpointing is "
+            "`sampling.checkpoint_decoder` (one more decoder forward per guided step). Not yet checked on a GPU "
+            "(`benchmarks/gpu_check.py` measures it by trying).", ""] + table(header, rows)
 
 
 def other_section(benchmarks: list[dict]) -> list[str]:
@@ -613,8 +641,6 @@ def other_section(benchmarks: list[dict]) -> list[str]:
         lines += [f"### {name}", ""] + table(header, rows)
     return lines
 
-
-TRAINING_TITLES = ("## Classifier training", "## Projection: a whole ImageNette run on one H100")
 
 
 def training_sections(paths: list[Path]) -> str:
@@ -631,10 +657,19 @@ def training_sections(paths: list[Path]) -> str:
     return "\n".join(lines + training_projection(benchmarks)).rstrip() + "\n"
 
 
+def update_sections(paths: list[Path]) -> str:
+    """The sections a partial run of the benchmarks can refresh: training, and the GPU memory count."""
+    _, benchmarks = load(paths)
+    text = training_sections(paths) if by_kernel(benchmarks, "training") else ""
+    memory = gpu_memory_section(benchmarks)
+    return text + ("\n" if text and memory else "") + "\n".join(memory).rstrip() + ("\n" if memory else "")
+
+
 def splice(existing: str, sections: str) -> str:
-    """`existing` with its training sections (if any) replaced by `sections`, put at the end."""
+    """`existing` with each section that `sections` has (by its "## " title) replaced, put at the end."""
+    titles = tuple(line for line in sections.splitlines() if line.startswith("## "))
     blocks = re.split(r"(?m)^(?=## )", existing)
-    kept = [b for b in blocks if not b.startswith(TRAINING_TITLES)]
+    kept = [b for b in blocks if not b.startswith(titles)]
     return "".join(kept).rstrip() + "\n\n" + sections
 
 
@@ -647,7 +682,7 @@ def render(paths: list[Path]) -> str:
              "python benchmarks/make_table.py bench.json", "```", ""]
     for section in (machine_section(runs, benchmarks), goals_section(benchmarks, tops), matmul_section(benchmarks),
                     step_section(benchmarks, tops), sampling_section(benchmarks), memory_section(benchmarks),
-                    profile_section(benchmarks), projection_section(benchmarks, tops),
+                    gpu_memory_section(benchmarks), profile_section(benchmarks), projection_section(benchmarks, tops),
                     training_section(benchmarks, tops), training_projection(benchmarks), other_section(benchmarks)):
         lines += section
     return "\n".join(lines).rstrip() + "\n"
@@ -658,11 +693,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
     parser.add_argument("-o", "--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
     parser.add_argument("--update", action="store_true",
-                        help="replace only the training sections of the existing output (the JSON holds only "
-                             "bench_training.py's rows, plus bench_matmul.py's ceiling and bench_projection.py's counts)")
+                        help="replace only the sections this JSON refreshes in the existing output: training "
+                             "(bench_training.py's rows, with bench_matmul.py's ceiling and bench_projection.py's "
+                             "counts) and the GPU memory count (bench_projection.py)")
     args = parser.parse_args(argv)
     if args.update:
-        args.out.write_text(splice(args.out.read_text(), training_sections(args.json)))
+        args.out.write_text(splice(args.out.read_text(), update_sections(args.json)))
     else:
         args.out.write_text(render(args.json))
     print(f"wrote {args.out}")

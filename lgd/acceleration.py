@@ -39,7 +39,7 @@ from torch import nn
 
 from lgd.errors import ConfigError
 from lgd.kernels import policy
-from lgd.models.vae import LatentCodec, fuse_group_norm_silu
+from lgd.models.vae import LatentCodec, checkpoint_decoder_blocks, fuse_group_norm_silu
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,13 +102,14 @@ def _autocast_fp32_out(fn: Callable, device_type: str, dtype: torch.dtype, fp32_
 
 def apply_speedups(
     dit: nn.Module, codec: nn.Module | None = None, *, compile: bool = False, precision: str = "auto",
-    fp32_guidance: bool = False,
+    fp32_guidance: bool = False, checkpoint_decoder: bool = False,
 ) -> torch.dtype:
     """Switch on torch.compile and/or autocast for a DiT and its latent codec, in place.
 
     fp32_guidance: the low precision applies only to calls without grad (unguided steps,
     decoding kept samples); guided steps, which differentiate the DiT and the decoder, run in
-    fp32. Returns the compute dtype chosen. The codec may be a LatentCodec (VAE) or any other codec
+    fp32. checkpoint_decoder: activation checkpointing of the VAE decoder's blocks in guided
+    steps (lgd.models.vae.checkpoint_decoder_blocks). Returns the compute dtype chosen. The codec may be a LatentCodec (VAE) or any other codec
     (e.g. IdentityCodec), which has nothing to accelerate and is left alone. Apply once, after
     the models are on their device and in eval mode.
     """
@@ -142,6 +143,8 @@ def apply_speedups(
     if isinstance(codec, LatentCodec):
         if policy.backend("group_norm_silu", device) == "triton":
             fuse_group_norm_silu(codec.vae.decoder)
+        if checkpoint_decoder:
+            checkpoint_decoder_blocks(codec.vae.decoder)
         if compile:
             decoder = codec.vae.decoder
             decoder.forward = torch.compile(decoder.forward, fullgraph=True, options=_DECODER_INDUCTOR_OPTIONS)

@@ -108,7 +108,8 @@ def load_generator(config: Config, device: torch.device) -> Generator:
         )
     s = config.sampling
     if s.engine == "fast":  # speed switches (lgd/acceleration.py); the reference engine stays eager fp32
-        apply_speedups(dit, codec, compile=s.compile, precision=s.precision, fp32_guidance=s.fp32_guidance)
+        apply_speedups(dit, codec, compile=s.compile, precision=s.precision, fp32_guidance=s.fp32_guidance,
+                       checkpoint_decoder=s.checkpoint_decoder)
     settings = SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta)
     shape = (dit.config.in_channels, dit.config.input_size, dit.config.input_size)
     return Generator(dit, codec, Sampler(dit, settings, shape))

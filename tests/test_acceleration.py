@@ -485,3 +485,24 @@ def test_sample_command_flags_reach_apply_speedups(model_files, tmp_path, monkey
     assert calls == [(True, "bf16")]
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["compile"], manifest["precision"]) == (True, "bfloat16")
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_checkpointed_decoder_gives_the_plain_gradient_and_images(compile):
+    """sampling.checkpoint_decoder recomputes the decoder's blocks in backward: the same ops on
+    the same inputs, so the input gradient and the decoded images are those without it."""
+    from lgd.models.vae import checkpoint_decoder_blocks
+
+    plain, checkpointed = tiny_codec(), tiny_codec()
+    apply_speedups(tiny_dit(), plain, compile=compile)
+    apply_speedups(tiny_dit(), checkpointed, compile=compile, checkpoint_decoder=True)
+    z = torch.randn(BATCH, *LATENT, generator=torch.Generator().manual_seed(5))
+    want, got = input_grad(plain.decode, z), input_grad(checkpointed.decode, z)
+    assert got.abs().max() > 0
+    if compile:
+        assert rel_err(got, want) <= 1e-6
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed.decode(z), plain.decode(z), rtol=1e-6, atol=1e-6)
+    assert checkpoint_decoder_blocks(tiny_codec().vae.decoder) == 1 + 2  # the mid block and two up blocks

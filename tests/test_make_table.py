@@ -1,5 +1,6 @@
 """The IGD bound arithmetic of benchmarks/make_table.py, on a hand-made benchmark list."""
 import pytest
+import torch
 
 from tests.helpers import benchmark_module
 
@@ -80,3 +81,32 @@ def test_whole_run_projection_counts_every_training():
     # IPC 50, distill: reference + surrogate 2 x 50 x 9469; stages on 100 x 2000, 200..400 x 1500 images
     distill = 100 * 9469 + 100 * 2000 + (200 + 300 + 400) * 1500
     assert f"| 50 |  | {distill * 1e10 / 1e15:.3g} |" in text
+
+
+def test_gpu_memory_section_and_update_replace_only_their_sections():
+    row = {"kind": "lgd", "precision": "bf16", "checkpoint_decoder": True, "weights_bytes": 2 * 2**30,
+           "per_batch": {"1": 3 * 2**30, "30": 40 * 2**30}, "fits": {"40 GB": 27, "80 GB": 63}}
+    record = {"group": "memory", "name": "memory", "stats": {"median": 1.0, "min": 1.0},
+              "extra_info": {"kernel": "memory_count", "nette": {"batch_size": 30, "checkpoints": 4},
+                             "cards": {"40 GB": 39.4, "80 GB": 79.1}, "headroom": 0.1, "models": "DiT-XL/2",
+                             "rows": [row]}}
+    text = "\n".join(make_table.gpu_memory_section([record]))
+    assert "| LGD | bf16 | on | 2 | 3 | 40 | 27 | 63 |" in text and "Counted, not measured" in text
+    old = "# Benchmarks\n\n## Classifier training\n\nkept\n\n" + make_table.GPU_MEMORY_TITLE + "\n\nstale\n"
+    spliced = make_table.splice(old, text + "\n")
+    assert "stale" not in spliced and "kept" in spliced and spliced.count(make_table.GPU_MEMORY_TITLE) == 1
+
+
+def test_live_peak_counts_storages_while_they_live():
+    measure = benchmark_module("_measure")
+    meta = torch.device("meta")
+
+    def run():
+        a = torch.zeros(1024, device=meta)  # 4 KiB
+        b = a * 2  # 8 KiB live
+        view = b.view(32, 32)  # a view: no new storage
+        del a
+        c = view * 2  # b and c: 8 KiB live again
+        return c.sum()  # and its 4 bytes, while b (through the view) and c still live
+
+    assert measure.live_peak(run) == 8192 + 4
