@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lgd.acceleration import PRECISIONS, apply_speedups
-from lgd.errors import ConfigError
+from lgd.errors import ConfigError, LgdError
 from lgd.files import write_json, write_png
 from lgd.kernels.policy import MODES, kernel_mode, resolve_mode
 from lgd.models import load_dit
@@ -99,9 +99,13 @@ def _sample(args: argparse.Namespace) -> Path:
                 batch = jobs[start : start + args.batch_size]
                 labels = torch.tensor([c for c, _, _ in batch], device=device)
                 noise = NoiseStream([s for _, _, s in batch], device)
-                with torch.no_grad():
-                    latents = sampler.sample(labels, noise, progress=_BatchProgress(bar, len(batch)))
-                    images = codec.decode(latents)
+                try:
+                    with torch.no_grad():
+                        latents = sampler.sample(labels, noise, progress=_BatchProgress(bar, len(batch)))
+                        images = codec.decode(latents)
+                except torch.OutOfMemoryError:
+                    raise LgdError(f"out of memory on {device} sampling a batch of {len(batch)} images; "
+                                   f"rerun with --batch-size {max(1, len(batch) // 2)}") from None
                 for (c, k, seed), image in zip(batch, images):
                     name = f"{class_folder(c)}/{k:05d}.png"
                     write_png(staging / name, image)

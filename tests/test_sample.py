@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lgd.__main__ import main
@@ -72,3 +73,25 @@ def test_missing_checkpoint_and_nonempty_out(models, tmp_path, capsys):
     (full / "x").write_text("x")
     assert sample(models, full) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line_with_the_batch_to_use(models, tmp_path, capsys, monkeypatch):
+    from lgd.sampling import Sampler
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Sampler, "sample", out_of_memory)
+    assert sample(models, tmp_path / "o", "--per-class", "4", "--batch-size", "8") != 0
+    err = capsys.readouterr().err
+    assert "out of memory on cpu sampling a batch of 8 images; rerun with --batch-size 4" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_kernel_mode_option(models, tmp_path, monkeypatch):
+    from lgd.kernels import policy
+
+    seen = []
+    monkeypatch.setattr("lgd.sample._sample", lambda args: seen.append(policy.current_mode()))
+    sample(models, tmp_path / "k", "--kernels", "torch")
+    assert seen == ["torch"]
