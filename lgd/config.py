@@ -72,16 +72,26 @@ class TrainSection:
     process alone, so the distilled set does not depend on the process count. For eval.recipe,
     off spreads the evaluation's independent trainings over the processes; on trains each of
     them on all processes together.
+
+    soft_label (RDED / SRe2L evaluation, lgd.training.trainer): a teacher network labels every
+    augmented batch and the student fits it by KL divergence at `temperature`, with AdamW
+    (`lr`, `weight_decay`, none on biases and norm weights; `momentum` unused) under a quarter
+    cosine LR schedule ending at 0.5x, 300 epochs by default. RDED's values are lr 0.001 and
+    weight_decay 0.01 (set them: the defaults below are the SGD recipes'), temperature 20.
+    It always trains with the reference loop: compile and precision=bf16 are refused.
     """
 
     network: str = "convnet6"
     width: int | None = None  # channel width override (None: the network's own, 128 for ConvNet)
-    recipe: str = "hard_label"  # hard_label (IDC/Minimax) or dc (DC/DSA ConvNet protocol)
-    epochs: int | None = None  # None: the recipe's default (IPC-dependent for hard_label)
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    # hard_label (IDC/Minimax), dc (DC/DSA ConvNet protocol), plain (IGD's surrogate) or
+    # soft_label (RDED/SRe2L: teacher soft labels, AdamW, see above)
+    recipe: str = "hard_label"
+    epochs: int | None = None  # None: the recipe's default (IPC-dependent for hard_label, 300 for dc and soft_label)
+    lr: float = 0.01  # SGD's; soft_label (AdamW): RDED uses 0.001
+    momentum: float = 0.9  # SGD recipes only
+    weight_decay: float = 5e-4  # soft_label (AdamW, decoupled): RDED uses 0.01
     batch_size: int = 64  # the global batch, however many processes share it
+    temperature: float = 20.0  # soft_label: softmax temperature of student and teacher (RDED's value with CutMix)
     distributed: bool = False  # DDP over all processes (see above)
     # How to compute it (lgd.training): the same models either way, up to float rounding.
     engine: str = "fast"  # fast (functional step, micro-batched, groups) or reference (plain eager loop)
@@ -120,6 +130,9 @@ class IGDSection:
     checkpoints: int = 4
     cos_threshold: float = 0.7
     target_images: int = 200  # real images per class for the target gradients
+    # "conditional": the influence loss sees each sample's decoded Tweedie estimate; "both": also
+    # its null-class CFG row's, as the official IGD sampler does (docs/reproduce.md)
+    decode_rows: str = "conditional"
     surrogate: TrainSection = field(default_factory=lambda: TrainSection(network="convnet6", recipe="plain", epochs=50))
 
 
@@ -136,6 +149,13 @@ class EvalSection:
     runs: int = 3
     baselines: list[str] = field(default_factory=lambda: ["random", "dit", "igd"])
     recipe: TrainSection = field(default_factory=TrainSection)
+    # Test evaluations spread over each training (every epochs // N epochs, Minimax's period:
+    # 100), whose best is reported beside the last epoch's as "best-epoch (test-selected, as in
+    # IGD/Minimax)"; 0: the last epoch only.
+    periodic_tests: int = 100
+    # The real test images: "resize" to the classifier size (Minimax/IDC: Resize(224) +
+    # CenterCrop(224)) or "crop" the classifier size out of data.image_size (resize 256, crop 224).
+    test_view: str = "resize"
 
 
 @dataclass
@@ -283,7 +303,9 @@ def _check_network(name: str, where: str) -> None:
 def _check_recipe(section: TrainSection, where: str) -> None:
     _check_network(section.network, f"{where}.network")
     _check(section.width is None or section.width >= 1, f"{where}.width must be at least 1")
-    _check(section.recipe in ("hard_label", "dc", "plain"), f"{where}.recipe must be hard_label, dc or plain")
+    _check(section.recipe in ("hard_label", "dc", "plain", "soft_label"),
+           f"{where}.recipe must be hard_label, dc, plain or soft_label, got {section.recipe!r}")
+    _check(section.temperature > 0, f"{where}.temperature must be positive, got {section.temperature}")
     _check(section.epochs is None or section.epochs >= 1, f"{where}.epochs must be at least 1")
     _check(section.lr > 0, f"{where}.lr must be positive")
     _check(0 <= section.momentum < 1, f"{where}.momentum must be in [0, 1)")
@@ -296,6 +318,9 @@ def _check_recipe(section: TrainSection, where: str) -> None:
            f"{where}.stacking must be auto, vmap or loop, got {section.stacking!r}")
     _check(section.micro_batch is None or section.micro_batch >= 1, f"{where}.micro_batch must be at least 1")
     _check(section.group_size is None or section.group_size >= 1, f"{where}.group_size must be at least 1")
+    _check(section.recipe != "soft_label" or (not section.compile and section.precision in ("auto", "fp32")),
+           f"{where}.recipe=soft_label always trains with the reference loop (eager fp32 AdamW): set "
+           f"{where}.compile=false and precision auto or fp32")
     _check(section.engine == "fast" or (not section.compile and section.precision in ("auto", "fp32")),
            f"{where}.engine=reference is the plain eager fp32 loop: it cannot be combined with compile=true "
            f"or precision={section.precision}")
@@ -365,10 +390,13 @@ def validate(config: Config) -> None:
     _check(i.checkpoints >= 1, f"igd.checkpoints must be at least 1, got {i.checkpoints}")
     _check(-1 <= i.cos_threshold <= 1, f"igd.cos_threshold must be in [-1, 1], got {i.cos_threshold}")
     _check(i.target_images >= 1, "igd.target_images must be at least 1")
+    _check(i.decode_rows in ("conditional", "both"), f"igd.decode_rows must be conditional or both, got {i.decode_rows!r}")
     _check_window(i.window, s.steps, "igd")
     _check_recipe(i.surrogate, "igd.surrogate")
     e = config.eval
     _check(e.runs >= 1, f"eval.runs must be at least 1, got {e.runs}")
+    _check(e.periodic_tests >= 0, f"eval.periodic_tests must be 0 (last epoch only) or more, got {e.periodic_tests}")
+    _check(e.test_view in ("resize", "crop"), f"eval.test_view must be resize or crop, got {e.test_view!r}")
     unknown = sorted(set(e.baselines) - {"random", "dit", "igd"})
     _check(not unknown, f"eval.baselines: unknown {unknown}; choose from random, dit, igd")
     _check_recipe(e.recipe, "eval.recipe")

@@ -412,7 +412,7 @@ class Distiller:
             codec=self.generator.codec, loss=loss, alphas_cumprod=self.generator.alphas_cumprod,
             k=g.k, rho_scale=g.rho_scale, window=g.window,
             deviation=Deviation(memory, g.gamma, self.device, classes=classes),
-            classifier_size=self.classifier_size, reference=reference)
+            classifier_size=self.classifier_size, reference=reference, decode_rows=g.decode_rows)
 
     def influence_loss(self) -> InfluenceLoss:
         """IGD's surrogate trajectory, checkpoint selection and class targets (main process, cached)."""

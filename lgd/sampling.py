@@ -3,6 +3,11 @@
 One loop, i = N-1 .. 0: model output with classifier-free guidance, a DDPM (or DDIM) step,
 and, inside a guidance window, a correction computed from gradients w.r.t. x_t. Autograd
 graphs are built only at guided steps.
+
+A guidance with `null_rows = True` (IGD's official decode, igd.decode_rows=both) also gets the
+null-class row of the CFG batch, carried as the official sampler carries it: a second latent
+per sample that starts equal to x_T, takes the guided eps with the null pass's variance and
+its own noise, and is never guided; guidance then sees x0_hat of both rows (2B rows).
 """
 from __future__ import annotations
 
@@ -60,32 +65,41 @@ class Sampler:
         self.diffusion = Diffusion(num_sampling_steps=settings.steps, learn_sigma=learn_sigma)
         self.timesteps = DeviceTable(self.diffusion.timesteps)
 
-    def model_output(self, x: torch.Tensor, i: int, labels: torch.Tensor) -> torch.Tensor:
+    def model_output(self, x: torch.Tensor, i: int, labels: torch.Tensor, both_rows: bool = False) -> torch.Tensor:
         t = self.timesteps.at(i, x, keep_dtype=True).expand(x.shape[0])
         s = self.settings
         if s.cfg_scale == 1.0:
             return self.dit(x, t, labels)
+        if both_rows:
+            return self.dit.forward_with_cfg(x, t, labels, s.cfg_scale, s.cfg_channels, both_rows=True)
         return self.dit.forward_with_cfg(x, t, labels, s.cfg_scale, s.cfg_channels)
 
     def step(
         self, x: torch.Tensor, i: int, labels: torch.Tensor, noise: NoiseStream,
-        guidance: Guidance | None = None, targets: torch.Tensor | None = None,
+        guidance: Guidance | None = None, targets: torch.Tensor | None = None, null: "NullRow | None" = None,
     ):
         """One reverse step from index i; returns (x_{i-1}, x0_hat), both detached.
-        `labels` condition the DiT; `targets` (default: labels) are the classes guidance sees."""
+        `labels` condition the DiT; `targets` (default: labels) are the classes guidance sees;
+        `null` (updated in place) the null-class rows of a guidance with null_rows."""
         guided = guidance is not None and guidance.active(i)
         step_noise = noise.randn(*self.latent_shape).to(x.dtype)
         with torch.set_grad_enabled(guided):
             x_t = x.detach().requires_grad_(guided)
-            out = self.model_output(x_t, i, labels)
+            out = self.model_output(x_t, i, labels, both_rows=null is not None)
+            rows, rows_noise = x_t, step_noise
+            if null is not None:
+                rows = torch.cat([x_t, null.x])
+                rows_noise = torch.cat([step_noise, null.noise.randn(*self.latent_shape).to(x.dtype)])
             if self.settings.method == "ddpm":
-                x_prev, x0_hat = self.diffusion.ddpm_step(out, x_t, i, noise=step_noise)
+                x_prev, x0_hat = self.diffusion.ddpm_step(out, rows, i, noise=rows_noise)
             else:
-                x_prev, x0_hat = self.diffusion.ddim_step(out, x_t, i, eta=self.settings.eta, noise=step_noise)
+                x_prev, x0_hat = self.diffusion.ddim_step(out, rows, i, eta=self.settings.eta, noise=rows_noise)
+            if null is not None:
+                x_prev, null.x = x_prev[: len(x_t)], x_prev[len(x_t) :].detach()
             if guided:
-                eps = out[:, : self.latent_shape[0]]
+                eps = out[: len(x_t), : self.latent_shape[0]]
                 x_prev = x_prev + guidance(x_t, i, eps, x0_hat, labels if targets is None else targets)
-        return x_prev.detach(), x0_hat.detach()
+        return x_prev.detach(), x0_hat[: len(x_t)].detach()
 
     def sample(
         self, labels: torch.Tensor, noise: NoiseStream, guidance: Guidance | None = None, progress=None,
@@ -93,8 +107,19 @@ class Sampler:
     ) -> torch.Tensor:
         """Final latents for `labels`, one noise stream per sample (seeded, batch-independent)."""
         x = noise.randn(*self.latent_shape)
+        null = None
+        if getattr(guidance, "null_rows", False) and self.settings.cfg_scale != 1.0:
+            null = NullRow(x.clone(), noise.derived("cfg-null-row"))
         for i in reversed(range(self.settings.steps)):
-            x, _ = self.step(x, i, labels, noise, guidance, targets)
+            x, _ = self.step(x, i, labels, noise, guidance, targets, null)
             if progress is not None:
                 progress.update(1)
         return x
+
+
+@dataclass
+class NullRow:
+    """The null-class rows of the CFG batch and their own noise (see the module docstring)."""
+
+    x: torch.Tensor
+    noise: NoiseStream

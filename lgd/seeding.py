@@ -32,6 +32,10 @@ class NoiseStream:
             [torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators]
         )
 
+    def derived(self, tag: str) -> "NoiseStream":
+        """Independent streams for the same samples (per-sample seeds derived from theirs and tag)."""
+        return NoiseStream([derive_seed(s, tag) for s in self.seeds], self.device)
+
     def select(self, keep: list[int]) -> "NoiseStream":
         """A stream over a subset of the samples, continuing their generators' state."""
         child = NoiseStream.__new__(NoiseStream)

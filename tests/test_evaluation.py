@@ -362,3 +362,68 @@ def test_eval_overrides_may_follow_options(run_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(run_dir), "--device", "cpu", "--bogus"])
     assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------ published protocols
+
+
+def test_best_epoch_is_the_max_of_the_recorded_periodic_tests(run_dir):
+    """Both numbers per training: the last epoch's, and the best of the periodic test
+    evaluations (every epochs // periodic_tests epochs), each named in the report."""
+    config = load_run_config(run_dir, ["eval.recipe.epochs=6", "eval.periodic_tests=3"])
+    results = evaluate_run(run_dir, config, sets=["lgd", "dit"], runs=2, test_data=tiny_data(seed=1),
+                           model_overrides={"width": 8}, progress=False)
+    assert results["protocol"] == {"reported": "last epoch", "periodic_tests": 3, "eval_every": 2,
+                                   "test_view": "resize"}
+    for name in ("lgd", "dit"):
+        for r in range(2):
+            record = json.loads((run_dir / "eval" / "trainings" / f"convnet3-{name}-run{r}.json").read_text())
+            assert record["test_epochs"] == [2, 4, 6]
+            assert record["best_accuracy"] == max(record["test_accuracy"])
+            assert record["test_accuracy"][-1] == pytest.approx(record["accuracy"])  # the last test is the last epoch
+        best = results["best_epoch_accuracy"]["convnet3"][name]
+        assert best["runs"] == [json.loads((run_dir / "eval" / "trainings" / f"convnet3-{name}-run{r}.json")
+                                           .read_text())["best_accuracy"] for r in range(2)]
+        assert best["mean"] >= results["accuracy"]["convnet3"][name]["mean"] - 1e-9
+    report = write_report(run_dir).read_text()
+    assert "Best-epoch (test-selected, as in IGD/Minimax): the best of 3 test evaluations, one every 2 epochs" in report
+    assert "Accuracy after the last epoch" in report and "test images resized to 16 px (Minimax/IDC)" in report
+
+    none = evaluate_run(run_dir, load_run_config(run_dir, ["eval.periodic_tests=0"]), sets=["lgd"], runs=1,
+                        test_data=tiny_data(seed=1), model_overrides={"width": 8}, progress=False)
+    assert "best_epoch_accuracy" not in none and none["protocol"]["eval_every"] is None
+    assert "Best-epoch" not in write_report(run_dir).read_text()
+
+
+def test_test_view_resizes_or_crops_the_real_test_images(tmp_path):
+    """resize: the test split loaded at the classifier size (Minimax/IDC); crop: loaded at
+    data.image_size and centre-cropped. On an ImageNet-layout folder the two differ."""
+    from PIL import Image
+
+    from lgd.evaluation.protocol import center_crop, materialise
+    from lgd.data import load_dataset
+
+    root = tmp_path / "imagefolder"
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n02102040"):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / "a.png")
+    resized = materialise(load_dataset("imagefolder", "test", root, 16), crop=16, progress=False)[0]
+    cropped = materialise(load_dataset("imagefolder", "test", root, 20), crop=16, progress=False)[0]
+    assert resized.shape == cropped.shape == (2, 3, 16, 16)
+    assert not torch.equal(resized, cropped)
+    full = materialise(load_dataset("imagefolder", "test", root, 20), progress=False)[0]
+    assert torch.equal(cropped, center_crop(full, 16))
+    with pytest.raises(ConfigError, match="eval.test_view must be resize or crop"):
+        load_run_config_from_dict(tmp_path, {"eval": {"test_view": "stretch"}})
+
+
+def load_run_config_from_dict(tmp_path, data):
+    from lgd.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)

@@ -19,8 +19,16 @@ Groups: trainings of one network on sets of equal size are trained together
 time on CPU and as many as memory holds with vmap stacking on a GPU) and scored in one pass
 over the test set.
 
-Test images: loaded at data.image_size like the synthetic ones, then centre-cropped to the
-classifier size (IDC / Minimax test transform: resize 256, centre crop 224).
+Two accuracies per training: the last epoch's (the headline, honest number) and the best of
+`eval.periodic_tests` test evaluations spread over training (every epochs // N epochs; the
+IGD / Minimax scripts evaluate 100 times and report the best). The best is selected on the
+test set itself, so it is reported under its own name, "best-epoch (test-selected, as in
+IGD/Minimax)", never as the result.
+
+Test view (`eval.test_view`): "resize" loads the real test images at the classifier size
+(the shorter side resized, then centre-cropped: Minimax/IDC's Resize(224) + CenterCrop(224));
+"crop" loads them at data.image_size and centre-crops the classifier size (resize 256, crop
+224). Training images are resized to the classifier size either way.
 
 On several processes (a Runtime of world > 1) the groups of trainings are dealt round-robin
 over the ranks, one round of `world` groups at a time; the accuracies are
@@ -50,7 +58,7 @@ from lgd.files import read_json, write_json
 from lgd.rundir import SyntheticSet, load_synthetic
 from lgd.seeding import derive_seed
 from lgd.training import Member, accuracies, train_classifiers
-from lgd.training.recipes import DC_BATCH_SIZE
+from lgd.training.recipes import DC_BATCH_SIZE, default_epochs
 from lgd.training.fast import default_group_size
 
 if TYPE_CHECKING:
@@ -196,15 +204,17 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def finished_trainings(run: Path, signatures: dict) -> dict:
-    """Accuracies of the trainings already recorded with exactly these signatures (a changed
-    recipe, set or test split makes a record stale: it is retrained and overwritten)."""
+    """The records of the trainings already made with exactly these signatures (a changed
+    recipe, set, test split or protocol makes a record stale: it is retrained and overwritten)."""
     done = {}
     for job, sig in signatures.items():
         path = training_path(run, job)
         if path.is_file():
             record = read_json(path)
-            if {k: record.get(k) for k in sig} == sig and "accuracy" in record:
-                done[job] = record["accuracy"]
+            periodic = sig.get("periodic_tests")
+            if {k: record.get(k) for k in sig} == sig and "accuracy" in record and (
+                    not periodic or "best_accuracy" in record):
+                done[job] = record
     return done
 
 
@@ -236,6 +246,13 @@ def accuracy_cells(scores: dict, networks: list[str], sets: list[str], runs: int
                 cells.setdefault(network, {})[name] = {
                     "mean": float(t.mean()), "std": float(t.std(unbiased=False)), "runs": cell}
     return cells
+
+
+def tabulate(results: dict, scores: dict, best: dict, networks: list[str], sets: list[str], runs: int) -> None:
+    """results' tables: "accuracy" (last epoch) and, with periodic tests, "best_epoch_accuracy"."""
+    results["accuracy"] = accuracy_cells(scores, networks, sets, runs)
+    if results["protocol"]["periodic_tests"]:
+        results["best_epoch_accuracy"] = accuracy_cells(best, networks, sets, runs)
 
 
 def check_finished(run: Path, partial: bool) -> None:
@@ -295,16 +312,18 @@ def evaluate_run(
     for name, reason in skipped.items() if writer else ():
         log.warning("skipping the %s set: %s", SET_TITLES[name], reason)
     ipc = images_per_class(synthetic["lgd"].labels) if "lgd" in synthetic else config.stages.ipc
+    view = config.eval.test_view
     if test_data is None:
         from lgd.data import load_dataset
 
-        test_data = load_dataset(config.data.name, "test", config.data.root, config.data.image_size)
+        test_size = size if view == "resize" else config.data.image_size
+        test_data = load_dataset(config.data.name, "test", config.data.root, test_size)
     if "random" in names and train_data is None:
         from lgd.data import load_dataset
 
         train_data = load_dataset(config.data.name, "train", config.data.root, config.data.image_size)
     num_classes = _num_classes(test_data)
-    test = materialise(test_data, crop=size, progress=progress)
+    test = materialise(test_data, crop=size, progress=progress)  # a no-op crop when loaded at `size`
     factory = ClassifierFactory(test[0].shape[1], num_classes, size, model_overrides or config.eval.recipe.model_overrides())
 
     def images_of(name: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,10 +332,14 @@ def evaluate_run(
         return synthetic[name].images, synthetic[name].labels
 
     available = [n for n in names if n == "random" or n in synthetic]
+    periodic = config.eval.periodic_tests
+    eval_every = max(1, (section.epochs or default_epochs(section.recipe, ipc)) // periodic) if periodic else None
     results = {
         "dataset": config.data.name,
         "classifier_size": size,
         "recipe": dataclasses.asdict(section),
+        "protocol": {"reported": "last epoch", "periodic_tests": periodic, "eval_every": eval_every,
+                     "test_view": view},
         "runs": runs,
         "test_images": len(test[1]),
         "sets": {n: {"images": len(synthetic[n]) if n in synthetic else ipc * num_classes,
@@ -339,10 +362,13 @@ def evaluate_run(
         count, check = contents(name, r if name == "random" else 0)  # a stored set is the same for every run
         return {"network": network, "set": name, "run": r, "seed": derive_seed(config.seed, "eval", network, r),
                 "recipe": dataclasses.asdict(section), "classifier_size": size, "model": factory.overrides,
-                "test_images": len(test[1]), "images": count, "fingerprint": check}
+                "test_images": len(test[1]), "test_view": view, "periodic_tests": periodic,
+                "images": count, "fingerprint": check}
 
     signatures = {job: signature(job) for job in jobs}
-    scores = finished_trainings(run, signatures)
+    records = finished_trainings(run, signatures)
+    scores = {job: r["accuracy"] for job, r in records.items()}
+    best = {job: r["best_accuracy"] for job, r in records.items() if "best_accuracy" in r}
     if scores and writer:
         log.info("reusing %d finished training(s) from %s", len(scores), run / "eval" / TRAININGS)
 
@@ -359,16 +385,25 @@ def evaluate_run(
                              size_of=lambda job: signatures[job]["images"])
     bar = tqdm(total=len(jobs), initial=len(scores), desc="evaluate", unit="model", disable=not progress)
 
-    def train_group(group: list[tuple[str, str, int]]) -> list[tuple[tuple[str, str, int], float]]:
-        """Train the group's classifiers from scratch (one training per job), score them together."""
+    def train_group(group: list[tuple[str, str, int]]) -> list[tuple[tuple[str, str, int], dict]]:
+        """Train the group's classifiers from scratch (one training per job), score them together:
+        per job the record of its accuracies (last epoch, and the periodic test evaluations)."""
         network = group[0][0]
         bar.set_postfix_str(f"{network} " + ", ".join(f"{SET_TITLES[n]} run {r + 1}/{runs}" for _, n, r in group))
         members = [Member(factory(network, signatures[job]["seed"]), images_of(job[1], job[2]), signatures[job]["seed"])
                    for job in group]
-        train_classifiers(members, section, classifier_size=size, device=device, progress=progress,
-                          runtime=runtime if together else None)
+        histories = train_classifiers(members, section, classifier_size=size, device=device, progress=progress,
+                                      runtime=runtime if together else None,
+                                      eval_data=test if periodic else None, eval_every=eval_every or 1)
         scored = accuracies([m.model for m in members], test, device, classifier_size=size)
-        return [(job, 100 * a) for job, a in zip(group, scored)]
+        out = []
+        for job, last, history in zip(group, scored, histories):
+            record = {"accuracy": 100 * last}
+            if periodic:
+                curve = [100 * a for a in history.test_accuracy]
+                record.update(best_accuracy=max(curve), test_epochs=history.test_epochs, test_accuracy=curve)
+            out.append((job, record))
+        return out
 
     split = world > 1 and not together  # rounds of `world` groups, one per rank
     stride = world if split else 1
@@ -377,14 +412,17 @@ def evaluate_run(
         mine = batch[runtime.rank : runtime.rank + 1] if split else batch
         done = [item for group in mine for item in train_group(group)]
         done = runtime.gather(done) if split else done
-        scores.update(done)
+        for job, record in done:
+            scores[job] = record["accuracy"]
+            if "best_accuracy" in record:
+                best[job] = record["best_accuracy"]
         bar.update(len(done))
         if writer:
-            for job, value in done:
-                write_json(training_path(run, job), {**signatures[job], "accuracy": value})
-            results["accuracy"] = accuracy_cells(scores, networks, available, runs)
+            for job, record in done:
+                write_json(training_path(run, job), {**signatures[job], **record})
+            tabulate(results, scores, best, networks, available, runs)
             write_json(out, results)
-    results["accuracy"] = accuracy_cells(scores, networks, available, runs)
+    tabulate(results, scores, best, networks, available, runs)
     bar.close()
     if writer:
         write_json(out, results)

@@ -27,20 +27,37 @@ def _recipe(recipe: dict) -> str:
     return f"{recipe['recipe']} recipe, {epochs} epochs"
 
 
+def _table(cells_by_network: dict, sets: list[str]) -> list[str]:
+    lines = ["| Network | " + " | ".join(_title(s) for s in sets) + " |", "|---|" + "---|" * len(sets)]
+    for network, cells in cells_by_network.items():
+        row = [f"{cells[s]['mean']:.1f} ± {cells[s]['std']:.1f}" if s in cells else "–" for s in sets]
+        lines.append(f"| {NETWORK_TITLES.get(network, network)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _test_view(protocol: dict, size: int) -> str:
+    if protocol.get("test_view") == "crop":
+        return f"test images centre-cropped to {size} px from data.image_size"
+    return f"test images resized to {size} px (Minimax/IDC)"
+
+
 def accuracy_section(results: dict) -> list[str]:
     sets = _ordered(results["sets"])
+    protocol = results.get("protocol", {"test_view": "crop", "periodic_tests": 0})
     lines = [
         "## Top-1 accuracy on the real test set (%)",
         "",
         f"Dataset {results['dataset']}, classifier input {results['classifier_size']} px, {_recipe(results['recipe'])}; "
-        f"mean ± std over {results['runs']} run(s) from scratch, {results['test_images']} real test images.",
+        f"mean ± std over {results['runs']} run(s) from scratch, {results['test_images']} real test images, "
+        f"{_test_view(protocol, results['classifier_size'])}. Accuracy after the last epoch:",
         "",
-        "| Network | " + " | ".join(_title(s) for s in sets) + " |",
-        "|---|" + "---|" * len(sets),
+        *_table(results["accuracy"], sets),
     ]
-    for network, cells in results["accuracy"].items():
-        row = [f"{cells[s]['mean']:.1f} ± {cells[s]['std']:.1f}" if s in cells else "–" for s in sets]
-        lines.append(f"| {NETWORK_TITLES.get(network, network)} | " + " | ".join(row) + " |")
+    if results.get("best_epoch_accuracy"):
+        lines += ["", f"Best-epoch (test-selected, as in IGD/Minimax): the best of {protocol['periodic_tests']} "
+                  f"test evaluations, one every {protocol['eval_every']} epochs. The epoch is chosen on the test set "
+                  "itself, so this is an optimistic figure, given for comparison with tables that report it:", "",
+                  *_table(results["best_epoch_accuracy"], sets)]
     lines += ["", "Images per class: " + ", ".join(f"{_title(s)} {results['sets'][s]['ipc']}" for s in sets) + "."]
     for name, reason in results.get("skipped", {}).items():
         lines += ["", f"Not evaluated: {_title(name)} ({reason})."]

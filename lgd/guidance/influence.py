@@ -128,7 +128,12 @@ def rms(x: torch.Tensor) -> torch.Tensor:
 class InfluenceGuidance:
     """x_{t-1} -= k * rho_t * grad_{x_t} L_inf, rho_t = sqrt(1-abar) * rho_scale * rms(eps)/rms(grad);
     then deviation from the class memory. `reference=True` selects the one-image,
-    one-backward-per-checkpoint path."""
+    one-backward-per-checkpoint path.
+
+    decode_rows: "conditional" puts the decoded Tweedie estimate of each sample into L_inf;
+    "both" (the official IGD sampler) also that of its null-class CFG row (the sampler carries
+    it, lgd.sampling), both labelled with the sample's class, and differentiates the sum w.r.t.
+    the conditional row only."""
 
     def __init__(
         self,
@@ -142,7 +147,11 @@ class InfluenceGuidance:
         deviation: Deviation,
         classifier_size: int | None = None,
         reference: bool = False,
+        decode_rows: str = "conditional",
     ):
+        if decode_rows not in ("conditional", "both"):
+            raise ValueError(f"decode_rows must be conditional or both, got {decode_rows!r}")
+        self.null_rows = decode_rows == "both"
         self.codec, self.loss = codec, loss
         self.alphas_cumprod = DeviceTable(alphas_cumprod)
         self.k, self.rho_scale = k, rho_scale
@@ -155,7 +164,9 @@ class InfluenceGuidance:
         return self.window[0] <= i <= self.window[1]
 
     def gradient(self, x_t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """d L_inf / d x_t; x0_hat has one row per sample, or two (conditional rows, then null rows)."""
         images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
+        labels = labels.repeat(len(x0_hat) // len(x_t))
         if not self.reference:
             if self.loss.compiled:  # the compiled double backward gives dL/d images; one backward to x_t
                 return torch.autograd.grad(images, x_t, grad_outputs=self.loss.input_gradient(images, labels))[0]
@@ -163,7 +174,8 @@ class InfluenceGuidance:
             return torch.autograd.grad(self.loss.batched(images, labels).sum(), x_t)[0]
         if x_t.shape[0] != 1:
             raise ValueError("the reference influence path works one image at a time")
-        losses = self.loss.per_checkpoint(images[0], labels[0])
+        per_row = [self.loss.per_checkpoint(image, label) for image, label in zip(images, labels)]
+        losses = [sum(row_losses) for row_losses in zip(*per_row)]  # per checkpoint, over the rows
         total = torch.zeros_like(x_t)
         for e, loss in enumerate(losses):
             total += torch.autograd.grad(loss / len(losses), x_t, retain_graph=e + 1 < len(losses))[0]

@@ -293,12 +293,15 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | None = None,
+        both_rows: bool = False,
     ) -> torch.Tensor:
         """Classifier-free guidance in one batched forward (conditional half, then null-class half).
 
         eps = eps_u + s * (eps_c - eps_u) on the first `cfg_channels` eps channels (None = all;
         3 reproduces the official DiT sampler); other eps channels and v come from eps_c's pass.
+        both_rows: also return the null-class row as the official sampler makes it (2B rows: the
+        guided eps channels, then eps_u's other channels and v), for IGD's official decode.
         """
         C = self.config.in_channels
         k = C if cfg_channels is None else cfg_channels
@@ -310,6 +313,8 @@ class DiT(nn.Module):
         out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = out.chunk(2)
         guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
+        if both_rows:
+            return torch.cat([torch.cat([guided, cond[:, k:]], dim=1), torch.cat([guided, uncond[:, k:]], dim=1)])
         return torch.cat([guided, cond[:, k:]], dim=1)
 
 

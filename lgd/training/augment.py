@@ -4,10 +4,12 @@ Everything works on a whole batch [B, C, H, W] on the training device: random pa
 drawn as small tensors from an explicit torch.Generator (on the generator's device, then
 moved to the batch's device), so a run is reproducible and no per-image Python loop runs.
 
-Two recipes:
+Three recipes:
 - hard-label (IDC / Minimax lineage): RandomResizedCrop(scale 0.5-1) + horizontal flip,
   ColorJitter(0.4, 0.4, 0.4), PCA lighting (0.1, ImageNet eigen-basis), then CutMix
   (Beta(1, 1), p = 1) whose loss mixes the two labels by area. Images stay in [0, 1].
+- soft-label (RDED / SRe2L evaluation): RandomResizedCrop(scale 0.5-1) + horizontal flip,
+  then the same CutMix; the teacher labels the mixed images, so no label mixing is kept.
 - DSA (Zhao & Bilen 2021) for the DC/DSA ConvNet protocol: strategy
   color_crop_cutout_flip_scale_rotate in DSA's single mode -- one transformation family is
   drawn per batch (the whole batch gets the same kind of transformation), each image gets
@@ -130,6 +132,15 @@ def hard_label_augment(x: torch.Tensor, size: int, generator: torch.Generator) -
     x = random_resized_crop(x, size, generator)
     x = color_jitter(x, generator)
     return pca_lighting(x, generator)
+
+
+def soft_label_augment(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """The soft-label recipe's images: crop (scale 0.5-1) + flip to `size`, then CutMix
+    (every batch, Beta(1, 1)); the partner labels and lam are not needed (the teacher scores
+    the mixed images), but CutMix makes its usual draws."""
+    x = random_resized_crop(x, size, generator)
+    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    return cutmix(x, labels, generator)[0]
 
 
 def cutmix(

@@ -1,7 +1,9 @@
 """What both training engines share: the recipes' constants and schedules, the data source,
-the training history, the input resize and the augmentation with its targets."""
+the training history, the input resize and the augmentation with its targets (and the
+soft_label recipe's loss and LR schedule, which only the reference loop runs)."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,12 +14,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lgd.errors import ConfigError, DataError
-from lgd.training.augment import cutmix, dsa_augment, hard_label_augment, mixed_cross_entropy
+from lgd.training.augment import cutmix, dsa_augment, hard_label_augment, mixed_cross_entropy, soft_label_augment
 
-RECIPES = ("hard_label", "dc", "plain")
+RECIPES = ("hard_label", "dc", "plain", "soft_label")
 DC_BATCH_SIZE = 256
 _PLAIN_EPOCHS = 50  # IGD's surrogate
 _DC_EPOCHS = 300
+_SOFT_LABEL_EPOCHS = 300  # RDED's evaluation
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -39,16 +42,35 @@ def default_epochs(recipe: str, ipc: int) -> int:
         return _DC_EPOCHS
     if recipe == "plain":
         return _PLAIN_EPOCHS
+    if recipe == "soft_label":
+        return _SOFT_LABEL_EPOCHS
     return 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000
 
 
 def lr_milestones(recipe: str, epochs: int) -> tuple[list[int], float]:
-    """Epochs after which the LR is multiplied by the returned factor."""
+    """Epochs after which the LR is multiplied by the returned factor (soft_label has no
+    milestones: its schedule is `soft_label_lr_factor`)."""
     if recipe == "hard_label":
         return [2 * epochs // 3, 5 * epochs // 6], 0.2
     if recipe == "dc":
         return [epochs // 2], 0.1
     return [], 1.0
+
+
+def soft_label_lr_factor(epoch: int, epochs: int) -> float:
+    """soft_label's LR multiplier during epoch `epoch` (0-based) of `epochs`: RDED's LambdaLR,
+    0.5 * (1 + cos(pi * epoch / epochs / 2)), a quarter cosine from 1 that would reach 0.5 at
+    epoch == epochs (the last epoch trains just above 0.5x; it never decays to 0)."""
+    return 0.5 * (1 + math.cos(math.pi * epoch / epochs / 2))
+
+
+def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """RDED's soft-label loss: KLDivLoss(batchmean) of the student's temperature-softened
+    log-probabilities against the teacher's softened probabilities -- the sum over classes of
+    p_t * (log p_t - log p_s), averaged over the batch, with no T^2 factor (RDED omits it)."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    target = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return F.kl_div(log_p, target, reduction="batchmean")
 
 
 class Source:
@@ -132,8 +154,13 @@ Targets = tuple[torch.Tensor, ...]  # (labels,) or, after CutMix, (labels, partn
 
 def augmenter(recipe: str, model: nn.Module, generator: torch.Generator) -> Callable:
     """(images, labels) -> (augmented images, targets) with the recipe's augmentation, its
-    random parameters drawn from `generator` (both engines make exactly these draws)."""
-    if recipe == "hard_label":
+    random parameters drawn from `generator` (both engines make exactly these draws).
+    soft_label's targets are (labels,) for bookkeeping only: its loss is against the
+    teacher's logits on the augmented images (lgd.training.trainer)."""
+    if recipe == "soft_label":
+        def augment(x, y) -> tuple[torch.Tensor, Targets]:
+            return soft_label_augment(x, x.shape[-1], generator), (y,)
+    elif recipe == "hard_label":
         def augment(x, y) -> tuple[torch.Tensor, Targets]:
             x = hard_label_augment(x, x.shape[-1], generator)
             x, partner, lam = cutmix(x, y, generator)

@@ -3,12 +3,13 @@
 `train_classifier` trains one model, `train_classifiers` many independent ones that share a
 recipe and shapes; TrainSection.engine picks the loop:
 - reference: this module's plain eager loop (nn.Module forward, `loss.backward()`,
-  torch.optim.SGD with MultiStepLR), kept as the readable twin the fast engine is checked
-  against;
+  torch.optim.SGD with MultiStepLR; AdamW with a quarter cosine for soft_label), kept as the
+  readable twin the fast engine is checked against;
 - fast: lgd.training.fast, one functional SGD step (compiled with TrainSection.compile),
   micro-batched to the CPU cache, members of a group stacked or run in turn.
 Both draw the same data order and augmentation from the same generator, so they train the
-same models up to float rounding (tests/test_fast_training.py).
+same models up to float rounding (tests/test_fast_training.py). The soft_label recipe always
+runs the reference loop, whatever the engine (the fast engine's step is functional SGD).
 
 Recipes (TrainSection.recipe; constants and schedules in lgd.training.recipes):
 - hard_label: IDC / Minimax protocol. SGD (lr, momentum, weight decay, batch size from the
@@ -18,6 +19,16 @@ Recipes (TrainSection.recipe; constants and schedules in lgd.training.recipes):
   LR x0.1 at half of training, DSA augmentation, 300 epochs unless the section says otherwise.
 - plain: SGD from the section, no augmentation, constant LR (IGD's surrogate), 50 epochs
   unless the section says otherwise.
+- soft_label: RDED / SRe2L evaluation protocol, with a teacher network (`teacher=`). Every
+  batch is augmented (RandomResizedCrop scale 0.5-1 + flip, then CutMix, always on), the
+  teacher (eval mode, no_grad) labels the mixed images, and the loss is
+  KLDivLoss(batchmean)(log_softmax(student / T), softmax(teacher / T)), T = section.temperature,
+  no T^2 factor. AdamW(lr, betas (0.9, 0.999), weight_decay; none on parameters of dim <= 1),
+  LR lr * 0.5 * (1 + cos(pi * e / E / 2)) in epoch e = 0..E-1 (a quarter cosine ending near
+  0.5x), batch size from the section, 300 epochs unless the section says otherwise. The
+  teacher sees what the student sees ([0, 1] images at classifier_size; lgd classifiers
+  normalise their own input); it is moved to the device, its weights are left untouched and
+  its training flag is restored.
 
 Images are resized (antialiased bilinear) to `classifier_size` when it differs from theirs.
 Data order and augmentation parameters come from one CPU torch.Generator seeded with `seed`:
@@ -31,10 +42,12 @@ generator, augments the whole global batch of batch_size images, and runs the ne
 its own contiguous share of it; DDP averages the gradients. Same recipe as one process,
 not the same bits (the all-reduce adds in another order). A Dataset source is read in full
 by every rank (the augmentation needs the whole batch); in-memory tensors cost nothing.
-DDP training always runs the reference loop, whatever the engine.
+DDP training always runs the reference loop, whatever the engine. With soft_label, each rank
+runs its own (identical) teacher on its share of the mixed global batch.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,35 +69,75 @@ from lgd.training.recipes import (
     fit_size,
     lr_milestones,
     recipe_loss,
+    soft_label_loss,
+    soft_label_lr_factor,
 )
 
 if TYPE_CHECKING:
     from lgd.runtime import Runtime
 
+log = logging.getLogger(__name__)
+_SOFT_LABEL_NOTED = False  # the soft_label engine note is logged once per process
+
+
 def _loss_fn(recipe: str, model: nn.Module, size: int | None, generator: torch.Generator,
-             forward: nn.Module | None = None, rank: int = 0, world: int = 1) -> Callable:
+             forward: nn.Module | None = None, rank: int = 0, world: int = 1, *,
+             teacher: nn.Module | None = None, temperature: float = 1.0) -> Callable:
     """(images, labels) -> loss with the recipe's augmentation.
+
+    soft_label: `teacher` (already in eval mode) labels the augmented images under no_grad
+    and the loss is soft_label_loss at `temperature`.
 
     With world > 1 (`forward` the DDP-wrapped model) the whole global batch is augmented --
     CutMix pairs images across all of it -- and this rank's contiguous share goes through the
-    network. Its mean loss is weighted by share * world / batch, so DDP's gradient average is
-    the gradient of the whole batch's mean loss, as on one process.
+    network (and the teacher). Its mean loss is weighted by share * world / batch, so DDP's
+    gradient average is the gradient of the whole batch's mean loss, as on one process.
     """
     augment = augmenter(recipe, model, generator)
     forward = forward or model
 
+    def objective(logits: torch.Tensor, x: torch.Tensor, targets: tuple) -> torch.Tensor:
+        if recipe != "soft_label":
+            return recipe_loss(logits, targets)
+        with torch.no_grad():
+            soft = teacher(x)
+        return soft_label_loss(logits, soft, temperature)
+
     def loss(x, y):
         x, targets = augment(fit_size(x, size), y)
         if world == 1:
-            return recipe_loss(forward(x), targets)
+            return objective(forward(x), x, targets)
         b = len(y)
         part = slice(b * rank // world, b * (rank + 1) // world)
         logits = forward(x[part])
         share = part.stop - part.start
         if share == 0:  # a last batch smaller than the world: join the gradient all-reduce with zeros
             return logits.sum() * 0
-        return recipe_loss(logits, tuple(t[part] if t.dim() else t for t in targets)) * (share * world / b)
+        return objective(logits, x[part], tuple(t[part] if t.dim() else t for t in targets)) * (share * world / b)
     return loss
+
+
+def recipe_optimizer(section: TrainSection, model: nn.Module, epochs: int
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The reference loop's optimizer and per-epoch scheduler for `section`'s recipe.
+
+    soft_label: AdamW(lr, betas (0.9, 0.999), weight_decay) with weight decay only on
+    parameters of dim > 1 (no decay on biases and norm weights, as RDED's get_parameters),
+    and RDED's LambdaLR quarter cosine (soft_label_lr_factor). Otherwise SGD (lr, momentum,
+    weight decay) with MultiStepLR at the recipe's milestones.
+    """
+    if section.recipe == "soft_label":
+        params = list(model.parameters())
+        groups = [{"params": [p for p in params if p.dim() > 1]},
+                  {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr, betas=(0.9, 0.999),
+                                      weight_decay=section.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: soft_label_lr_factor(e, epochs))
+        return optimizer, scheduler
+    optimizer = torch.optim.SGD(model.parameters(), lr=section.lr, momentum=section.momentum,
+                                weight_decay=section.weight_decay)
+    milestones, factor = lr_milestones(section.recipe, epochs)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=factor)
 
 
 def _check_in_sync(model: nn.Module, runtime: Runtime) -> None:
@@ -111,6 +164,7 @@ def train_classifier(
     eval_every: int = 1,
     progress: bool = True,
     runtime: Runtime | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainHistory:
     """Train `model` in place with `section`'s recipe and engine; it is left in eval mode.
 
@@ -118,13 +172,15 @@ def train_classifier(
     eval_data: scored (top-1) every `eval_every` epochs and after the last one.
     track: (images, labels) whose true-class probability is recorded after every epoch.
     ipc: images per class, for the hard-label epoch rule (inferred from the labels if None).
+    teacher: the soft_label recipe's teacher (required there, refused by the other recipes).
     runtime: with section.distributed and several processes, every rank must call this with the
     same arguments; they train one model together (DDP) and all end with the same weights.
     Otherwise the runtime is ignored and this process trains alone.
     """
     member = Member(model, data, seed, on_epoch=on_epoch, track=track)
     return train_classifiers([member], section, ipc=ipc, classifier_size=classifier_size, device=device,
-                             eval_data=eval_data, eval_every=eval_every, progress=progress, runtime=runtime)[0]
+                             eval_data=eval_data, eval_every=eval_every, progress=progress, runtime=runtime,
+                             teacher=teacher)[0]
 
 
 @dataclass
@@ -150,15 +206,29 @@ def train_classifiers(
     eval_every: int = 1,
     progress: bool = True,
     runtime: Runtime | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[TrainHistory]:
     """Independent trainings with one recipe, one per member, each equal to its lone training.
 
     Members must share the architecture and the number of training images (so their batches
     line up); the fast engine then trains them as one group (lgd.training.fast), the reference
     engine one after the other. Returns one history per member, in order.
+
+    teacher: the soft_label recipe's teacher, shared by all members (required there, refused
+    by the other recipes); moved to `device`, used in eval mode under no_grad, its training
+    flag restored afterwards. soft_label always trains with the reference loop.
     """
+    global _SOFT_LABEL_NOTED
     if section.recipe not in RECIPES:
         raise ConfigError(f"unknown training recipe {section.recipe!r}; choose from {', '.join(RECIPES)}")
+    soft = section.recipe == "soft_label"
+    if soft and teacher is None:
+        raise ConfigError("the soft_label recipe needs a teacher: pass teacher=<trained classifier> "
+                          "(it labels every augmented batch)")
+    if teacher is not None and not soft:
+        raise ConfigError(f"a teacher is only used by the soft_label recipe, not by {section.recipe}")
+    if soft and not section.temperature > 0:
+        raise ConfigError(f"the soft_label recipe needs a positive temperature, got {section.temperature}")
     if eval_every < 1:
         raise ConfigError(f"eval_every must be at least 1, got {eval_every}")
     if not members:
@@ -169,10 +239,28 @@ def train_classifiers(
         raise DataError("cannot train a classifier on an empty image set")
     if len({len(s) for s in sources}) > 1 or len({repr(m.model) for m in members}) > 1:
         raise ConfigError("trainings grouped together must share the architecture and the number of images")
-    epochs = section.epochs or default_epochs(section.recipe, ipc or sources[0].ipc())
+    if section.epochs:
+        epochs = section.epochs
+    else:  # only hard_label's default depends on the IPC
+        epochs = default_epochs(section.recipe, ipc or (sources[0].ipc() if section.recipe == "hard_label" else 0))
     batch_size = DC_BATCH_SIZE if section.recipe == "dc" else section.batch_size
     for m in members:
         m.model.to(device)
+    if soft:
+        if not _SOFT_LABEL_NOTED:
+            log.info("the soft_label recipe trains with the reference loop (eager nn.Module, torch.optim.AdamW), "
+                     "whatever TrainSection.engine says")
+            _SOFT_LABEL_NOTED = True
+        teacher.to(device)
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            return [_train_reference(m, source, section, epochs=epochs, batch_size=batch_size,
+                                     classifier_size=classifier_size, device=device, eval_data=eval_data,
+                                     eval_every=eval_every, progress=progress, runtime=runtime, teacher=teacher)
+                    for m, source in zip(members, sources)]
+        finally:
+            teacher.train(was_training)
     if section.engine == "fast" and not (section.distributed and runtime is not None and runtime.world > 1):
         from lgd.training.fast import train_group
 
@@ -187,13 +275,11 @@ def train_classifiers(
 
 def _train_reference(member: Member, source: Source, section: TrainSection, *, epochs: int, batch_size: int,
                      classifier_size: int | None, device: torch.device, eval_data: Data | None, eval_every: int,
-                     progress: bool, runtime: Runtime | None) -> TrainHistory:
-    """The reference loop: plain eager nn.Module training with torch.optim."""
+                     progress: bool, runtime: Runtime | None, teacher: nn.Module | None = None) -> TrainHistory:
+    """The reference loop: plain eager nn.Module training with torch.optim (`teacher`, in
+    eval mode: soft_label's)."""
     model, on_epoch = member.model, member.on_epoch
-    optimizer = torch.optim.SGD(model.parameters(), lr=section.lr, momentum=section.momentum,
-                                weight_decay=section.weight_decay)
-    milestones, factor = lr_milestones(section.recipe, epochs)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=factor)
+    optimizer, scheduler = recipe_optimizer(section, model, epochs)
     generator = torch.Generator().manual_seed(member.seed)  # CPU: data order and augmentation parameters
     together = section.distributed and runtime is not None and runtime.world > 1
     if together:
@@ -203,7 +289,8 @@ def _train_reference(member: Member, source: Source, section: TrainSection, *, e
         forward, rank, world = DistributedDataParallel(model), runtime.rank, runtime.world
     else:
         forward, rank, world = model, 0, 1
-    loss_fn = _loss_fn(section.recipe, model, classifier_size, generator, forward, rank, world)
+    loss_fn = _loss_fn(section.recipe, model, classifier_size, generator, forward, rank, world,
+                       teacher=teacher, temperature=section.temperature)
     tracked = Source(member.track, device) if member.track is not None else None
     confidences = []
     history = TrainHistory(epochs=epochs)

@@ -1,0 +1,107 @@
+"""IGD's official mode against a re-implementation of the official sampler's influence step.
+
+The official sampler carries both rows of the classifier-free-guidance batch (the sample and
+its null-class twin, which starts equal and then takes its own noise), decodes the Tweedie
+estimates of both into the influence loss, labelled with the sample's class, and guides the
+conditional row by the gradient of their sum. Written here from that description,
+independently of lgd.sampling.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lgd.diffusion import Diffusion
+from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance
+from lgd.models import create_dit
+from lgd.models.vae import IdentityCodec
+from lgd.sampling import NullRow, Sampler, SamplerSettings
+from lgd.seeding import NoiseStream
+from tests.test_guidance import influence_setup
+
+STEPS, CFG, K, RHO = 6, 3.0, 5.0, 0.0015
+SHAPE = (1, 8, 8)  # a pixel-space DiT on 1-channel 8x8 "images" (identity codec), as the tiny surrogate takes
+
+
+def tiny_dit():
+    torch.manual_seed(0)
+    dit = create_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=3)
+    with torch.no_grad():
+        for p in dit.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return dit.eval().requires_grad_(False)
+
+
+def official_correction(dit, loss, x_cond, x_null, i, label):
+    """The official IGD step's guidance term for one sample (batch of two CFG rows)."""
+    diffusion = Diffusion(num_sampling_steps=STEPS, learn_sigma=True)
+    x = torch.cat([x_cond, x_null]).requires_grad_(True)
+    t = diffusion.timesteps[i].expand(2)
+    y = torch.tensor([label, dit.config.num_classes])  # the sample's class, then the null class
+    half = x[:1]
+    out = dit(torch.cat([half, half]), t, y)  # the official forward_with_cfg: both rows see x[:half]
+    eps, rest = out[:, :1], out[:, 1:]
+    guided = eps[1:] + CFG * (eps[:1] - eps[1:])
+    out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
+    x0 = diffusion.predict_x0(x, i, out[:, :1])
+    images = (x0 + 1) / 2  # the identity codec's decode
+    total = 0
+    for params, target in zip(loss.checkpoints, loss.targets):
+        for image in images:
+            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            ce = F.cross_entropy(functional_call(loss.model, leaves, (image[None],)), torch.tensor([label]))
+            grads = torch.autograd.grad(ce, list(leaves.values()), create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            total = total + 1 - F.cosine_similarity(flat, target[label], dim=0)
+    g = torch.autograd.grad(total / len(loss.checkpoints), x)[0][:1]
+    rms = lambda v: v.pow(2).mean().sqrt()
+    abar = diffusion.alphas_cumprod[i]
+    rho = (1 - abar).sqrt() * RHO * rms(guided[0]) / rms(g)
+    return -K * rho * g
+
+
+def guidance(loss, decode_rows, window=(0, STEPS - 1)):
+    return InfluenceGuidance(codec=IdentityCodec(1), loss=loss, alphas_cumprod=Diffusion(STEPS).alphas_cumprod,
+                             k=K, rho_scale=RHO, window=window, deviation=Deviation(ClassMemory(1), 0.0),
+                             decode_rows=decode_rows)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_both_rows_step_equals_the_official_influence_step(reference):
+    dit, loss = tiny_dit(), influence_setup(torch.float32)
+    sampler = Sampler(dit, SamplerSettings(STEPS, CFG), SHAPE)
+    g = torch.Generator().manual_seed(1)
+    x_cond, x_null = torch.randn(1, *SHAPE, generator=g), torch.randn(1, *SHAPE, generator=g)
+    label, i = 2, 3
+    both = guidance(loss, "both")
+    both.reference = reference
+    null = NullRow(x_null.clone(), NoiseStream([7]))
+    with torch.no_grad():
+        guided, _ = sampler.step(x_cond, i, torch.tensor([label]), NoiseStream([5]), both, None, null)
+        plain, _ = sampler.step(x_cond, i, torch.tensor([label]), NoiseStream([5]))
+    want = official_correction(dit, loss, x_cond, x_null, i, label)
+    got = guided - plain  # the correction, up to the float32 rounding of x_{t-1} (~1e-7)
+    assert want.abs().max() > 1e-5
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max() + 3e-7
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9999
+    # the null row took its own step: the posterior mean from the guided eps plus its own noise
+    assert not torch.equal(null.x, x_null) and not torch.equal(null.x, plain)
+
+
+def test_null_rows_change_only_what_guidance_sees():
+    """Unguided, the null rows change nothing; guided, both-rows differs from conditional-only
+    (the correction turns), and the null rows start as the sample and diverge by their own noise."""
+    dit, loss = tiny_dit(), influence_setup(torch.float32)
+    sampler = Sampler(dit, SamplerSettings(STEPS, CFG), SHAPE)
+    labels = torch.tensor([0, 2])
+    run = lambda guide: sampler.sample(labels, NoiseStream([11, 12]), guide)
+    with torch.no_grad():
+        unguided = run(None)
+        never = run(guidance(loss, "both", window=(STEPS, STEPS)))  # a window no step reaches
+        cond = run(guidance(loss, "conditional"))
+        both = run(guidance(loss, "both"))
+    torch.testing.assert_close(never, unguided, rtol=0, atol=0)
+    assert (both - cond).abs().max() > 1e-6 and (cond - unguided).abs().max() > 1e-6
+    d_cond, d_both = (cond - unguided).flatten(1), (both - unguided).flatten(1)
+    assert (F.cosine_similarity(d_cond, d_both, dim=1) > 0).all()  # the same direction, turned
