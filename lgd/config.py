@@ -133,6 +133,11 @@ class IGDSection:
     # "conditional": the influence loss sees each sample's decoded Tweedie estimate; "both": also
     # its null-class CFG row's, as the official IGD sampler does (docs/reproduce.md)
     decode_rows: str = "conditional"
+    # "lgd": the surrogate trained as igd.surrogate says, at the classifiers' size, and guided on
+    # the inputs it was trained on; "official": as the official IGD code trains it (the
+    # `augmented` recipe -- hard-label augmentation, no CutMix, constant LR -- at data.image_size,
+    # on ImageNet-normalised inputs) and guides it (on [-1, 1] inputs, i.e. normalised by 0.5/0.5)
+    surrogate_protocol: str = "lgd"
     surrogate: TrainSection = field(default_factory=lambda: TrainSection(network="convnet6", recipe="plain", epochs=50))
 
 
@@ -303,8 +308,9 @@ def _check_network(name: str, where: str) -> None:
 def _check_recipe(section: TrainSection, where: str) -> None:
     _check_network(section.network, f"{where}.network")
     _check(section.width is None or section.width >= 1, f"{where}.width must be at least 1")
-    _check(section.recipe in ("hard_label", "dc", "plain", "soft_label"),
-           f"{where}.recipe must be hard_label, dc, plain or soft_label, got {section.recipe!r}")
+    from lgd.training.recipes import RECIPES
+
+    _check(section.recipe in RECIPES, f"{where}.recipe must be one of {', '.join(RECIPES)}, got {section.recipe!r}")
     _check(section.temperature > 0, f"{where}.temperature must be positive, got {section.temperature}")
     _check(section.epochs is None or section.epochs >= 1, f"{where}.epochs must be at least 1")
     _check(section.lr > 0, f"{where}.lr must be positive")
@@ -391,6 +397,12 @@ def validate(config: Config) -> None:
     _check(-1 <= i.cos_threshold <= 1, f"igd.cos_threshold must be in [-1, 1], got {i.cos_threshold}")
     _check(i.target_images >= 1, "igd.target_images must be at least 1")
     _check(i.decode_rows in ("conditional", "both"), f"igd.decode_rows must be conditional or both, got {i.decode_rows!r}")
+    _check(i.surrogate_protocol in ("lgd", "official"),
+           f"igd.surrogate_protocol must be lgd or official, got {i.surrogate_protocol!r}")
+    for where, section in (("lgd.stage_model", g.stage_model), ("lgd.reference_model", g.reference_model),
+                           ("igd.surrogate", i.surrogate)):
+        _check(section.recipe != "soft_label",
+               f"{where}.recipe=soft_label needs a teacher, which only evaluation has (eval.recipe)")
     _check_window(i.window, s.steps, "igd")
     _check_recipe(i.surrogate, "igd.surrogate")
     e = config.eval

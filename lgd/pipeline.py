@@ -16,6 +16,7 @@ class, as in the papers' code (which makes one image at a time), while the batch
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -412,30 +413,46 @@ class Distiller:
             codec=self.generator.codec, loss=loss, alphas_cumprod=self.generator.alphas_cumprod,
             k=g.k, rho_scale=g.rho_scale, window=g.window,
             deviation=Deviation(memory, g.gamma, self.device, classes=classes),
-            classifier_size=self.classifier_size, reference=reference, decode_rows=g.decode_rows)
+            classifier_size=self.surrogate_size, reference=reference, decode_rows=g.decode_rows)
+
+    @property
+    def surrogate_size(self) -> int:
+        """The surrogate's input size: the classifiers', or the generator's under the official protocol."""
+        official = self.config.igd.surrogate_protocol == "official"
+        return self.config.data.image_size if official else self.classifier_size
 
     def influence_loss(self) -> InfluenceLoss:
         """IGD's surrogate trajectory, checkpoint selection and class targets (main process, cached)."""
         if getattr(self, "_influence", None) is not None:
             return self._influence
         g = self.config.igd
+        official = g.surrogate_protocol == "official"
+        section = dataclasses.replace(g.surrogate, recipe="augmented") if official else g.surrogate
+        size = self.surrogate_size
         path = self.run / "models" / "surrogate.safetensors"
-        spec = self.spec(g.surrogate)
+        spec = {**self.spec(section), "image_size": size}
         model = self.new_classifier(spec, "surrogate").eval()
-        training = self.must_train(g.surrogate, path)
+        training = self.must_train(section, path)
         if training:
             trajectory: list[dict] = []
             snapshot = lambda epoch, m: trajectory.append({k: v.detach().clone() for k, v in m.named_parameters()})
-            log.info("training IGD's surrogate trajectory (%s, %s epochs)", g.surrogate.network, g.surrogate.epochs)
-            train_classifier(model, self.train_set, g.surrogate, classifier_size=self.classifier_size,
+            log.info("training IGD's surrogate trajectory (%s, %s recipe, %s epochs)", section.network,
+                     section.recipe, section.epochs)
+            train_classifier(model, self.train_set, section, classifier_size=size,
                              seed=derive_seed(self.config.seed, "surrogate"), device=self.device,
                              on_epoch=snapshot, progress=self.progress,
-                             runtime=self.runtime if self.together(g.surrogate) else None)
+                             runtime=self.runtime if self.together(section) else None)
+        if official:
+            # The official code trains on ImageNet-normalised images but guides with [-1, 1] ones
+            # (real targets and decoded images alike): kept as it is, inconsistency included.
+            with torch.no_grad():
+                model.mean.fill_(0.5)
+                model.std.fill_(0.5)
         if training and self.runtime.is_main:
             model.eval()
             indices = per_class_subset(self.train_set, g.target_images,
                                        torch.Generator().manual_seed(derive_seed(self.config.seed, "targets")))
-            images, labels = self.real_batch(indices)
+            images, labels = self.real_batch(indices, size)
             kept, targets = select_checkpoints(model, trajectory, images, labels, self.num_classes,
                                                g.checkpoints, g.cos_threshold)
             tensors = {f"{n}/{k}": v for n, e in enumerate(kept) for k, v in trajectory[e].items()}
@@ -448,11 +465,11 @@ class Distiller:
                                         compile=self.config.sampling.compile)
         return self._influence
 
-    def real_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def real_batch(self, indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.train_set[int(i)] for i in indices]
         images = torch.stack([p[0] for p in pairs]).to(self.device)
         labels = torch.tensor([p[1] for p in pairs], device=self.device)
-        return to_classifier_input(images, self.classifier_size), labels
+        return to_classifier_input(images, size), labels
 
     def write_real(self, root: Path, stage: int, slots: range, memory: ClassMemory) -> None:
         """The 'random real' seed: real images of each class, stored like generated ones."""

@@ -15,3 +15,12 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny random 10-class DiT file and 1-channel VAE folder: the generator of tiny_overrides' runs."""
+    from tests.helpers import tiny_dit_file, tiny_vae_folder
+
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny_dit_file(root / "dit.safetensors", num_classes=10), tiny_vae_folder(root / "vae", image_channels=1)

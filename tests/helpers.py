@@ -37,6 +37,56 @@ def tiny_dit_file(path: Path, num_classes: int = 3, input_size: int = 4) -> Path
     return path
 
 
+def tiny_net(seed, channels=1, classes=3, size=8, dtype=torch.float64):
+    """A ConvNet-3 of width 4 on 8x8 images (eval mode)."""
+    from lgd.classifiers import build_classifier
+
+    torch.manual_seed(seed)
+    return build_classifier("convnet3", channels, classes, size, width=4).to(dtype).eval()
+
+
+def influence_setup(dtype=torch.float64):
+    """An influence loss over tiny_net with two random checkpoints and class targets from random images."""
+    from lgd.guidance import InfluenceLoss
+    from lgd.guidance.influence import class_mean_gradients
+
+    model = tiny_net(0, dtype=dtype)
+    checkpoints = []
+    for e in range(2):
+        torch.manual_seed(10 + e)
+        checkpoints.append({k: torch.randn_like(v) * 0.3 for k, v in model.named_parameters()})
+    real = torch.rand(12, 1, 8, 8, dtype=dtype)
+    real_labels = torch.arange(12) % 3
+    targets = torch.stack([class_mean_gradients(model, p, real, real_labels, 3) for p in checkpoints])
+    return InfluenceLoss(model, checkpoints, targets)
+
+
+def tiny_overrides(models, **extra) -> list[str]:
+    """Config overrides for a whole run on tiny random models (DiT file, VAE folder) in seconds."""
+    import json
+
+    dit, vae = models
+    values = {
+        "model.dit": str(dit), "model.vae": str(vae), "data.image_size": 8,
+        "sampling.steps": 6, "sampling.cfg_scale": 2.0, "sampling.batch_size": 2,  # one round per slot: 2 rounds per stage
+        "stages.ipc": 4, "stages.increment": 2, "stages.seed": "igd",
+        "lgd.kappa": 2, "lgd.window": [1, 4], "lgd.rho_scale": 0.01, "lgd.gamma": 0.5, "igd.gamma": 0.5,
+        "lgd.stage_model": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 32},
+        "lgd.reference_model": {"network": "convnet3", "recipe": "plain", "epochs": 1, "batch_size": 128},
+        "igd.window": [2, 4], "igd.target_images": 5, "igd.checkpoints": 2, "igd.cos_threshold": 0.999,
+        "igd.surrogate": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 256},
+        "eval.baselines": ["dit"],
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def files(run: Path) -> dict[str, bytes]:
+    """Every output file of a run directory except hidden ones (the lock)."""
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
 def benchmark_module(name: str) -> ModuleType:
     """A module of benchmarks/ (not a package: pytest runs it with benchmarks/ on sys.path)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")

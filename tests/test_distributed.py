@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import lgd
-from tests.test_pipeline import files, tiny_models, tiny_overrides  # noqa: F401  (fixture)
+from tests.helpers import files, tiny_overrides
 
 DISTILL = str(Path(lgd.__file__).parent / "distill.py")
 # One thread per process in every run: reductions then add in the same order whatever the

@@ -3,32 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lgd.classifiers import build_classifier
-from lgd.guidance import ClassMemory, Deviation, InfluenceLoss, LearnabilityGuidance, learnability, top1_per_group
+from lgd.guidance import ClassMemory, Deviation, LearnabilityGuidance, learnability, top1_per_group
 from lgd.guidance.deviation import cosine_gradient
-from lgd.guidance.influence import class_mean_gradients, select_checkpoints
+from lgd.guidance.influence import select_checkpoints
 from lgd.kernels.policy import kernel_mode
 from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
 from lgd.sampling import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
-
-
-def tiny_net(seed, channels=1, classes=3, size=8, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return build_classifier("convnet3", channels, classes, size, width=4).to(dtype).eval()
-
-
-def influence_setup(dtype=torch.float64):
-    model = tiny_net(0, dtype=dtype)
-    checkpoints = []
-    for e in range(2):
-        torch.manual_seed(10 + e)
-        checkpoints.append({k: torch.randn_like(v) * 0.3 for k, v in model.named_parameters()})
-    real = torch.rand(12, 1, 8, 8, dtype=dtype)
-    real_labels = torch.arange(12) % 3
-    targets = torch.stack([class_mean_gradients(model, p, real, real_labels, 3) for p in checkpoints])
-    return InfluenceLoss(model, checkpoints, targets)
+from tests.helpers import influence_setup, tiny_net
 
 
 def test_influence_gradient_matches_finite_differences():

@@ -17,7 +17,7 @@ from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
 from lgd.sampling import NullRow, Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
-from tests.test_guidance import influence_setup
+from tests.helpers import influence_setup
 
 STEPS, CFG, K, RHO = 6, 3.0, 5.0, 0.0015
 SHAPE = (1, 8, 8)  # a pixel-space DiT on 1-channel 8x8 "images" (identity codec), as the tiny surrogate takes
@@ -105,3 +105,50 @@ def test_null_rows_change_only_what_guidance_sees():
     assert (both - cond).abs().max() > 1e-6 and (cond - unguided).abs().max() > 1e-6
     d_cond, d_both = (cond - unguided).flatten(1), (both - unguided).flatten(1)
     assert (F.cosine_similarity(d_cond, d_both, dim=1) > 0).all()  # the same direction, turned
+
+
+def test_official_surrogate_protocol_trains_and_guides_as_the_official_code(tiny_models, tmp_path, monkeypatch):
+    """igd.surrogate_protocol=official: the `augmented` recipe at data.image_size (not the
+    classifiers' size), ImageNet-normalised in training, [-1, 1] inputs (0.5/0.5) in guidance;
+    the default keeps igd.surrogate's recipe, the classifier size and the training statistics."""
+    from lgd import pipeline
+    from lgd.config import load_config
+    from lgd.pipeline import Distiller
+    from tests.helpers import tiny_overrides
+
+    trained = []
+    train = pipeline.train_classifier
+
+    def spy(model, data, section, **kwargs):
+        trained.append((section.recipe, kwargs["classifier_size"], model.mean.flatten().tolist()))
+        return train(model, data, section, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_classifier", spy)
+    seen = {}
+    for protocol in ("lgd", "official"):
+        overrides = tiny_overrides(tiny_models, **{"data.classifier_size": 6, "igd.surrogate_protocol": protocol})
+        distiller = Distiller(load_config("demo", overrides), tmp_path / protocol, progress=False)
+        try:
+            distiller.prepare()
+            loss = distiller.influence_loss()
+            guidance = distiller.influence_guidance(pipeline.ClassMemory(1))([0])
+            seen[protocol] = (guidance.classifier_size, loss.model.mean.flatten().tolist(), loss.model.std.flatten().tolist())
+        finally:
+            distiller.runtime.shutdown()
+    (lgd_recipe, lgd_size, lgd_mean), (official_recipe, official_size, official_mean) = trained
+    assert (lgd_recipe, lgd_size, official_recipe, official_size) == ("plain", 6, "augmented", 8)
+    assert lgd_mean == official_mean == [0.5]  # 1-channel data trains on 0.5/0.5 either way
+    assert seen["lgd"][0] == 6 and seen["official"] == (8, [0.5], [0.5])
+
+
+def test_augmented_recipe_is_the_hard_label_augmentation_without_cutmix():
+    from lgd.training.recipes import augmenter, lr_milestones
+    from lgd.training.augment import hard_label_augment
+
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    model = torch.nn.Identity()
+    images, targets = augmenter("augmented", model, torch.Generator().manual_seed(3))(x, y)
+    assert len(targets) == 1 and torch.equal(targets[0], y)  # no CutMix partner
+    torch.testing.assert_close(images, hard_label_augment(x, 16, torch.Generator().manual_seed(3)))
+    assert not torch.equal(images, x)
+    assert lr_milestones("augmented", 50) == ([], 1.0)  # constant LR

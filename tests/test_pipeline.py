@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,36 +16,7 @@ from lgd.config import Config, load_config
 from lgd.errors import ConfigError
 from lgd.pipeline import Distiller, claim_run_dir
 from lgd.rundir import finished_records, load_synthetic
-from tests.helpers import tiny_dit_file, tiny_vae_folder
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return tiny_dit_file(root / "dit.safetensors", num_classes=10), tiny_vae_folder(root / "vae", image_channels=1)
-
-
-def tiny_overrides(models, **extra):
-    dit, vae = models
-    values = {
-        "model.dit": str(dit), "model.vae": str(vae), "data.image_size": 8,
-        "sampling.steps": 6, "sampling.cfg_scale": 2.0, "sampling.batch_size": 2,  # one round per slot: 2 rounds per stage
-        "stages.ipc": 4, "stages.increment": 2, "stages.seed": "igd",
-        "lgd.kappa": 2, "lgd.window": [1, 4], "lgd.rho_scale": 0.01, "lgd.gamma": 0.5, "igd.gamma": 0.5,
-        "lgd.stage_model": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 32},
-        "lgd.reference_model": {"network": "convnet3", "recipe": "plain", "epochs": 1, "batch_size": 128},
-        "igd.window": [2, 4], "igd.target_images": 5, "igd.checkpoints": 2, "igd.cos_threshold": 0.999,
-        "igd.surrogate": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 256},
-        "eval.baselines": ["dit"],
-    }
-    values.update(extra)
-    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
-
-
-def files(run: Path) -> dict[str, bytes]:
-    """Every output file except the caches of trained models (compared separately)."""
-    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
+from tests.helpers import files, tiny_overrides
 
 
 def test_run_layout_records_and_rank_selection(tiny_models, tmp_path):

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from lgd.errors import ConfigError, DataError
 from lgd.training.augment import cutmix, dsa_augment, hard_label_augment, mixed_cross_entropy, soft_label_augment
 
-RECIPES = ("hard_label", "dc", "plain", "soft_label")
+RECIPES = ("hard_label", "dc", "plain", "augmented", "soft_label")
 DC_BATCH_SIZE = 256
 _PLAIN_EPOCHS = 50  # IGD's surrogate
 _DC_EPOCHS = 300
@@ -40,7 +40,7 @@ class TrainHistory:
 def default_epochs(recipe: str, ipc: int) -> int:
     if recipe == "dc":
         return _DC_EPOCHS
-    if recipe == "plain":
+    if recipe in ("plain", "augmented"):
         return _PLAIN_EPOCHS
     if recipe == "soft_label":
         return _SOFT_LABEL_EPOCHS
@@ -165,6 +165,9 @@ def augmenter(recipe: str, model: nn.Module, generator: torch.Generator) -> Call
             x = hard_label_augment(x, x.shape[-1], generator)
             x, partner, lam = cutmix(x, y, generator)
             return x, (y, partner, lam)
+    elif recipe == "augmented":  # IGD's official surrogate: the hard-label augmentation without CutMix
+        def augment(x, y) -> tuple[torch.Tensor, Targets]:
+            return hard_label_augment(x, x.shape[-1], generator), (y,)
     elif recipe == "dc":
         mean, std = _normalisation(model)
 
