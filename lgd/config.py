@@ -161,6 +161,11 @@ class EvalSection:
     # The real test images: "resize" to the classifier size (Minimax/IDC: Resize(224) +
     # CenterCrop(224)) or "crop" the classifier size out of data.image_size (resize 256, crop 224).
     test_view: str = "resize"
+    # The soft_label recipe's teacher: "reference" (the run's theta*, RUN/models/reference.safetensors)
+    # or a checkpoint: an lgd classifier (.safetensors) or a torchvision-format ResNet-18 state dict
+    # (.pt / .pth, e.g. torchvision's ImageNet weights, RDED/SRe2L's teacher; a 1000-class teacher
+    # on an ImageNet subset is read at the subset's classes)
+    teacher: str = "reference"
 
 
 @dataclass
@@ -327,6 +332,12 @@ def _check_recipe(section: TrainSection, where: str) -> None:
     _check(section.recipe != "soft_label" or (not section.compile and section.precision in ("auto", "fp32")),
            f"{where}.recipe=soft_label always trains with the reference loop (eager fp32 AdamW): set "
            f"{where}.compile=false and precision auto or fp32")
+    from lgd.classifiers import RUNNING_STATISTICS, canonical_name
+
+    _check(canonical_name(section.network) not in RUNNING_STATISTICS or section.engine == "reference"
+           or section.recipe == "soft_label",
+           f"{where}.network={section.network} has batch-norm running statistics, which the fast engine's functional "
+           f"step cannot update: set {where}.engine=reference")
     _check(section.engine == "fast" or (not section.compile and section.precision in ("auto", "fp32")),
            f"{where}.engine=reference is the plain eager fp32 loop: it cannot be combined with compile=true "
            f"or precision={section.precision}")
@@ -414,6 +425,8 @@ def validate(config: Config) -> None:
     _check_recipe(e.recipe, "eval.recipe")
     for network in e.networks:
         _check_network(network, "eval.networks")
+        _check_recipe(dataclasses.replace(e.recipe, network=network), "eval.recipe (for eval.networks)")
+    _check(bool(e.teacher), "eval.teacher must be reference or a checkpoint path")
     from lgd.data import DATASETS
 
     name = config.data.name.lower().replace("-", "_")

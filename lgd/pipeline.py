@@ -36,7 +36,7 @@ from lgd.acceleration import apply_speedups, tf32
 from lgd.checkpoints import load_classifier, save_classifier
 from lgd.classifiers import build_classifier
 from lgd.config import Config, TrainSection
-from lgd.data import load_dataset, per_class_subset
+from lgd.data import load_dataset, model_class_map, per_class_subset
 from lgd.errors import ConfigError, LgdError
 from lgd.guidance import (
     ClassMemory,
@@ -185,21 +185,6 @@ def warn_deviation_scale(config: Config, latent_shape: tuple[int, ...]) -> None:
                         name, gamma, 100 * gamma / dims, dims, name, gamma * dims / 4096, dims)
 
 
-def dit_class_map(dataset, dit_classes: int) -> list[int]:
-    """The DiT label of each dataset class: the ImageNet-1K index of its WordNet id when a
-    1000-class DiT generates ImageNet classes (ImageNet, ImageNette, ImageWoof, any subset),
-    else the same index."""
-    from lgd.data import IMAGENET_INDEX
-
-    wnids = getattr(dataset, "class_ids", None)
-    if dit_classes == 1000 and wnids and all(w in IMAGENET_INDEX for w in wnids):
-        return [IMAGENET_INDEX[w] for w in wnids]
-    if dit_classes == dataset.num_classes:
-        return list(range(dit_classes))
-    raise ConfigError(f"the DiT has {dit_classes} classes and the dataset {dataset.num_classes}, and its "
-                      "classes are not ImageNet WordNet ids that a 1000-class DiT could generate")
-
-
 @dataclass
 class Finished:
     """One kept image, computed by any rank and written by the main process."""
@@ -242,7 +227,7 @@ class Distiller:
         self.generator = load_generator(c, self.device)
         self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
         self.num_classes = self.train_set.num_classes
-        self.dit_classes = dit_class_map(self.train_set, self.generator.dit.config.num_classes)
+        self.dit_classes = model_class_map(self.train_set, self.generator.dit.config.num_classes)
         self.channels = self.train_set.channels
         if self.generator.codec.image_channels != self.channels:
             raise ConfigError(f"the generator makes {self.generator.codec.image_channels}-channel images, "

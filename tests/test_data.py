@@ -226,21 +226,21 @@ def test_imagenet_index_is_the_rank_among_all_1000_sorted_wnids():
     assert IMAGENET_INDEX["n15075141"] == 999  # toilet tissue, the last class
 
 
-def test_dit_class_map():
+def test_model_class_map():
     from types import SimpleNamespace
 
     from lgd.errors import ConfigError
-    from lgd.pipeline import dit_class_map
+    from lgd.data import model_class_map
 
     folder = lambda wnids: SimpleNamespace(num_classes=len(wnids), class_ids=list(wnids))
-    assert dit_class_map(folder(IMAGEWOOF), 1000) == [193, 182, 258, 162, 155, 167, 159, 273, 207, 229]
+    assert model_class_map(folder(IMAGEWOOF), 1000) == [193, 182, 258, 162, 155, 167, 159, 273, 207, 229]
     # Any ImageNet classes, not only the Nette/Woof lists; the full set maps to itself.
-    assert dit_class_map(folder(["n04592741", "n01443537"]), 1000) == [908, 1]  # wing, goldfish
+    assert model_class_map(folder(["n04592741", "n01443537"]), 1000) == [908, 1]  # wing, goldfish
     from lgd.data.classes import IMAGENET_WNIDS
-    assert dit_class_map(folder(IMAGENET_WNIDS), 1000) == list(range(1000))
-    assert dit_class_map(folder(["a", "b"]), 2) == [0, 1]
+    assert model_class_map(folder(IMAGENET_WNIDS), 1000) == list(range(1000))
+    assert model_class_map(folder(["a", "b"]), 2) == [0, 1]
     with pytest.raises(ConfigError, match="not ImageNet WordNet ids"):
-        dit_class_map(folder(["cat", "dog"]), 1000)
+        model_class_map(folder(["cat", "dog"]), 1000)
 
 
 def test_canonical_orders():

@@ -374,7 +374,7 @@ def test_best_epoch_is_the_max_of_the_recorded_periodic_tests(run_dir):
     results = evaluate_run(run_dir, config, sets=["lgd", "dit"], runs=2, test_data=tiny_data(seed=1),
                            model_overrides={"width": 8}, progress=False)
     assert results["protocol"] == {"reported": "last epoch", "periodic_tests": 3, "eval_every": 2,
-                                   "test_view": "resize"}
+                                   "test_view": "resize", "teacher": None}
     for name in ("lgd", "dit"):
         for r in range(2):
             record = json.loads((run_dir / "eval" / "trainings" / f"convnet3-{name}-run{r}.json").read_text())
@@ -427,3 +427,55 @@ def load_run_config_from_dict(tmp_path, data):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_config(path)
+
+
+def test_soft_label_evaluation_with_the_runs_reference_model_as_teacher(run_dir, capsys):
+    """eval.recipe.recipe=soft_label trains every set against the teacher's soft labels; the
+    default teacher is RUN/models/reference.safetensors, and the report names the protocol."""
+    from lgd.checkpoints import save_classifier
+
+    overrides = ["eval.recipe.recipe=soft_label", "eval.recipe.lr=0.001", "eval.recipe.weight_decay=0.01",
+                 "eval.recipe.epochs=2", "eval.recipe.engine=reference", "eval.periodic_tests=2"]
+    args = ["evaluate", str(run_dir), "--runs", "1", "--sets", "lgd", "dit", "--device", "cpu", *overrides]
+    assert main(args) == 2
+    assert "reference.safetensors not found" in capsys.readouterr().err
+    spec = {"name": "convnet3", "in_channels": 1, "num_classes": CLASSES, "image_size": SIZE, "width": 8}
+    torch.manual_seed(0)
+    save_classifier(build_classifier(**spec), run_dir / "models" / "reference.safetensors", spec)
+    assert main(args) == 0, capsys.readouterr().err
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["recipe"]["recipe"] == "soft_label" and results["protocol"]["teacher"] == "reference"
+    record = json.loads((run_dir / "eval" / "trainings" / "convnet3-lgd-run0.json").read_text())
+    assert record["teacher"]["source"] == "reference" and record["test_epochs"] == [1, 2]
+    assert "soft labels from the teacher reference (RDED/SRe2L protocol)" in (run_dir / "eval" / "report.md").read_text()
+
+
+def test_a_torchvision_resnet18_teacher_loads_and_reads_the_subset_classes(tmp_path):
+    """A torchvision-format state dict (the keys and size of torchvision's resnet18) loads as a
+    teacher; with 1000 outputs on an ImageNet subset it answers at the subset's classes."""
+    from types import SimpleNamespace
+
+    from lgd.classifiers.torchvision_resnet import TorchvisionResNet18, load_torchvision_resnet18
+    from lgd.config import Config
+    from lgd.errors import CheckpointError
+    from lgd.evaluation.protocol import load_teacher
+
+    torch.manual_seed(0)
+    net = TorchvisionResNet18(3, 1000, 224).eval()
+    state = {k: v for k, v in net.state_dict().items() if k not in ("mean", "std")}
+    assert len(state) == 122 and sum(p.numel() for p in net.parameters()) == 11_689_512  # torchvision's resnet18
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_torchvision_resnet18(path)(x), net(x))
+    config = Config()
+    config.eval.teacher = str(path)
+    nette = SimpleNamespace(num_classes=2, class_ids=["n01440764", "n02102040"])  # ImageNet 0 and 217
+    teacher, info = load_teacher(tmp_path, config, nette, 2, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), net(x)[:, [0, 217]])
+    assert info["source"] == str(path)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth is not a readable torch state dict"):
+        load_torchvision_resnet18(tmp_path / "junk.pth")

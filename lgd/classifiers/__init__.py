@@ -1,6 +1,8 @@
 """Classifiers used by the engine: a registry of named networks and one factory.
 
-Canonical names: convnet3 .. convnet6, resnet_ap10, resnet18. Paper-style spellings
+Canonical names: convnet3 .. convnet6, resnet_ap10, resnet18 (instance norm, IDC lineage) and
+resnet18_bn (torchvision's ResNet-18 with batch norm: RDED's student and teacher, reference
+training loop only). Paper-style spellings
 ("ConvNet-6", "ResNetAP-10", "ResNet-18") are accepted, case-insensitively.
 Every network takes images in [0, 1] ([B, C, H, W], H = W = image_size) and returns logits
 [B, num_classes]; normalisation with the given mean/std happens inside.
@@ -13,6 +15,7 @@ from functools import partial
 from lgd.classifiers.base import ImageClassifier, Stat, instance_norm
 from lgd.classifiers.convnet import ConvNet
 from lgd.classifiers.resnet import ResNet, resnet18, resnet_ap10
+from lgd.classifiers.torchvision_resnet import resnet18_bn
 from lgd.errors import ConfigError
 
 # name -> factory(in_channels, num_classes, image_size, **kwargs)
@@ -20,7 +23,9 @@ CLASSIFIERS: dict[str, Callable[..., ImageClassifier]] = {
     **{f"convnet{d}": partial(ConvNet, depth=d) for d in range(3, 7)},
     "resnet_ap10": resnet_ap10,
     "resnet18": resnet18,
+    "resnet18_bn": resnet18_bn,
 }
+RUNNING_STATISTICS = ("resnet18_bn",)  # networks with batch norm: the reference training loop only
 
 
 def _key(name: str) -> str:

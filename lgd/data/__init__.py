@@ -59,11 +59,25 @@ def load_dataset(
     return data.resized(image_size) if image_size else data
 
 
+def model_class_map(dataset, model_classes: int) -> list[int]:
+    """The label a model of `model_classes` outputs uses for each dataset class: the ImageNet-1K
+    index of its WordNet id for a 1000-class model (a DiT, a torchvision teacher) on ImageNet or
+    any subset of it (ImageNette, ImageWoof), else the same index."""
+    wnids = getattr(dataset, "class_ids", None)
+    if model_classes == 1000 and wnids and all(w in IMAGENET_INDEX for w in wnids):
+        return [IMAGENET_INDEX[w] for w in wnids]
+    if model_classes == dataset.num_classes:
+        return list(range(model_classes))
+    raise ConfigError(f"the model has {model_classes} classes and the dataset {dataset.num_classes}, and its "
+                      "classes are not ImageNet WordNet ids that a 1000-class model could label")
+
+
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_CLASSES",
     "IMAGENETTE",
     "IMAGENET_INDEX",
+    "model_class_map",
     "IMAGEWOOF",
     "ImageFolderDataset",
     "LabelledImages",

@@ -248,6 +248,39 @@ def accuracy_cells(scores: dict, networks: list[str], sets: list[str], runs: int
     return cells
 
 
+class ClassSubset(nn.Module):
+    """A teacher's logits at the dataset's classes (a 1000-class ImageNet teacher on a subset)."""
+
+    def __init__(self, teacher: nn.Module, classes: list[int]):
+        super().__init__()
+        self.teacher = teacher
+        self.register_buffer("classes", torch.tensor(classes), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)[:, self.classes]
+
+
+def load_teacher(run: Path, config: Config, dataset, num_classes: int, device: torch.device) -> tuple[nn.Module, dict]:
+    """The soft_label recipe's teacher (eval.teacher) in eval mode, and what identifies it in the
+    training records (its source and a fingerprint of its weights)."""
+    from lgd.checkpoints import load_classifier
+    from lgd.classifiers.torchvision_resnet import load_torchvision_resnet18
+    from lgd.data import model_class_map
+
+    name = config.eval.teacher
+    path = run / "models" / "reference.safetensors" if name == "reference" else Path(name)
+    if not path.is_file():
+        what = "the run's reference model (lgd distill trains it when stages.ipc > stages.increment)" \
+            if name == "reference" else "eval.teacher"
+        raise ConfigError(f"{path} not found: {what} is the soft_label recipe's teacher")
+    model = load_classifier(path, device)[0] if path.suffix == ".safetensors" else load_torchvision_resnet18(path, device)
+    outputs = model.fc.out_features if hasattr(model, "fc") else None
+    if outputs is not None and outputs != num_classes:
+        model = ClassSubset(model, model_class_map(dataset, outputs)).to(device)
+    weights = sum(float(t.double().sum()) for t in model.state_dict().values())
+    return model.eval().requires_grad_(False), {"source": str(name), "fingerprint": weights}
+
+
 def tabulate(results: dict, scores: dict, best: dict, networks: list[str], sets: list[str], runs: int) -> None:
     """results' tables: "accuracy" (last epoch) and, with periodic tests, "best_epoch_accuracy"."""
     results["accuracy"] = accuracy_cells(scores, networks, sets, runs)
@@ -324,6 +357,9 @@ def evaluate_run(
         train_data = load_dataset(config.data.name, "train", config.data.root, config.data.image_size)
     num_classes = _num_classes(test_data)
     test = materialise(test_data, crop=size, progress=progress)  # a no-op crop when loaded at `size`
+    teacher, teacher_info = None, None
+    if section.recipe == "soft_label":
+        teacher, teacher_info = load_teacher(run, config, test_data, num_classes, device)
     factory = ClassifierFactory(test[0].shape[1], num_classes, size, model_overrides or config.eval.recipe.model_overrides())
 
     def images_of(name: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +375,7 @@ def evaluate_run(
         "classifier_size": size,
         "recipe": dataclasses.asdict(section),
         "protocol": {"reported": "last epoch", "periodic_tests": periodic, "eval_every": eval_every,
-                     "test_view": view},
+                     "test_view": view, "teacher": config.eval.teacher if section.recipe == "soft_label" else None},
         "runs": runs,
         "test_images": len(test[1]),
         "sets": {n: {"images": len(synthetic[n]) if n in synthetic else ipc * num_classes,
@@ -363,7 +399,7 @@ def evaluate_run(
         return {"network": network, "set": name, "run": r, "seed": derive_seed(config.seed, "eval", network, r),
                 "recipe": dataclasses.asdict(section), "classifier_size": size, "model": factory.overrides,
                 "test_images": len(test[1]), "test_view": view, "periodic_tests": periodic,
-                "images": count, "fingerprint": check}
+                "teacher": teacher_info, "images": count, "fingerprint": check}
 
     signatures = {job: signature(job) for job in jobs}
     records = finished_trainings(run, signatures)
@@ -393,7 +429,7 @@ def evaluate_run(
         members = [Member(factory(network, signatures[job]["seed"]), images_of(job[1], job[2]), signatures[job]["seed"])
                    for job in group]
         histories = train_classifiers(members, section, classifier_size=size, device=device, progress=progress,
-                                      runtime=runtime if together else None,
+                                      runtime=runtime if together else None, teacher=teacher,
                                       eval_data=test if periodic else None, eval_every=eval_every or 1)
         scored = accuracies([m.model for m in members], test, device, classifier_size=size)
         out = []

@@ -49,7 +49,9 @@ def accuracy_section(results: dict) -> list[str]:
         "",
         f"Dataset {results['dataset']}, classifier input {results['classifier_size']} px, {_recipe(results['recipe'])}; "
         f"mean ± std over {results['runs']} run(s) from scratch, {results['test_images']} real test images, "
-        f"{_test_view(protocol, results['classifier_size'])}. Accuracy after the last epoch:",
+        f"{_test_view(protocol, results['classifier_size'])}"
+        + (f", soft labels from the teacher {protocol['teacher']} (RDED/SRe2L protocol)" if protocol.get("teacher") else "")
+        + ". Accuracy after the last epoch:",
         "",
         *_table(results["accuracy"], sets),
     ]
