@@ -193,7 +193,7 @@ class Config:
         return _build(cls, data, "")
 
 
-PRESETS = ("demo", "nette", "woof")
+PRESETS = ("demo", "nette", "woof", "imagenet1k")
 
 
 def _plain(value):

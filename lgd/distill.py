@@ -4,7 +4,7 @@
     python -m lgd.distill --config demo --out runs/demo
     python -m lgd distill --config demo --out runs/demo sampling.steps=25
 
-CONFIG is a preset (demo, nette, woof) or a YAML file; trailing `section.key=value`
+CONFIG is a preset (demo, nette, woof, imagenet1k) or a YAML file; trailing `section.key=value`
 arguments override it. Rerunning the same command on the same --out resumes the run.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="preset (demo, nette, woof) or YAML file")
+    parser.add_argument("--config", required=True, help="preset (demo, nette, woof, imagenet1k) or YAML file")
     parser.add_argument("--out", required=True, type=Path, help="run directory (created, or resumed)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. stages.ipc=20")
