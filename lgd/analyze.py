@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="epochs per increment for training dynamics (default: recipe epochs / increments)")
     parser.add_argument("--eval-every", type=int, default=1, help="score the test set every N epochs (dynamics)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's device)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--partial", action="store_true", help="analyse a run that has not finished (no done.json)")
     parser.add_argument("overrides", nargs="*", metavar="eval.key=value",
                         help="change how to train, e.g. eval.recipe.engine=reference eval.recipe.compile=false")
@@ -36,5 +37,5 @@ def run(args: argparse.Namespace) -> Path:
     check_finished(args.run_dir, args.partial)
     analyze_run(args.run_dir, config, sets=args.sets, network=args.network, analyses=args.analyses,
                 epochs=args.epochs, dynamics_epochs=args.dynamics_epochs, eval_every=args.eval_every,
-                device=resolve_device(args.device or config.device))
+                device=resolve_device(args.device or config.device), progress=not args.no_progress)
     return write_report(args.run_dir)

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the eval recipe's, by IPC)")
     parser.add_argument("--sets", nargs="+", choices=SETS, help="image sets (default: lgd and eval.baselines)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's device)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--partial", action="store_true", help="evaluate a run that has not finished (no done.json)")
     parser.add_argument("overrides", nargs="*", metavar="eval.key=value",
                         help="change how to evaluate, e.g. eval.recipe.engine=reference eval.recipe.compile=false")
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> Path | None:
         # Several processes on "auto": each rank on its own device, as lgd distill does.
         device = runtime.device if name == "auto" and runtime.world > 1 else resolve_device(name)
         evaluate_run(args.run_dir, config, networks=args.networks, runs=args.runs, epochs=args.epochs,
-                     sets=args.sets, device=device, runtime=runtime)
+                     sets=args.sets, device=device, runtime=runtime, progress=not args.no_progress)
         return write_report(args.run_dir) if runtime.is_main else None
     finally:
         runtime.shutdown()

@@ -479,3 +479,12 @@ def test_a_torchvision_resnet18_teacher_loads_and_reads_the_subset_classes(tmp_p
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth is not a readable torch state dict"):
         load_torchvision_resnet18(tmp_path / "junk.pth")
+
+
+def test_evaluate_and_analyze_take_no_progress(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--runs", "1", "--sets", "lgd", "--device", "cpu", "--no-progress",
+                 "eval.periodic_tests=0"]) == 0
+    assert main(["analyze", str(run_dir), "--analyses", "cartography", "--epochs", "1", "--device", "cpu",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "evaluate:" not in err and "it/s" not in err and "model/s" not in err
