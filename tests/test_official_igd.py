@@ -152,3 +152,13 @@ def test_augmented_recipe_is_the_hard_label_augmentation_without_cutmix():
     torch.testing.assert_close(images, hard_label_augment(x, 16, torch.Generator().manual_seed(3)))
     assert not torch.equal(images, x)
     assert lr_milestones("augmented", 50) == ([], 1.0)  # constant LR
+
+
+def test_rows_cosine_script_measures_every_guided_step(tiny_models):
+    from tests.helpers import benchmark_module, tiny_overrides
+
+    igd_rows = benchmark_module("igd_rows")
+    result = igd_rows.measure("demo", tiny_overrides(tiny_models), classes=3)
+    assert result["guided_steps"] == 3 and result["samples"] == 3  # igd.window [2, 4] of 6 steps
+    c = result["cosine"]
+    assert -1 <= c["min"] <= c["median"] <= c["max"] <= 1 and c["min"] < 0.99999  # the null row does turn it
