@@ -24,3 +24,13 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return tiny_dit_file(root / "dit.safetensors", num_classes=10), tiny_vae_folder(root / "vae", image_channels=1)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny trainings: on the shared 2-core machine, thread contention
+    made them ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

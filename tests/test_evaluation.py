@@ -34,14 +34,7 @@ SIZE = 16
 CLASSES = 10  # the embedded Fashion-MNIST subset the fake run's config names
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, thread contention made these
-    tiny trainings ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pattern(cls: int, size: int = SIZE, noise: float = 0.1, generator=None) -> torch.Tensor:

@@ -19,12 +19,7 @@ from lgd.training import Member, accuracies, accuracy, train_classifier, train_c
 from lgd.training.fast import micro_batch, step_functions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=24, size=16, channels=1, classes=4, seed=0):

@@ -28,13 +28,7 @@ from lgd.training.trainer import Member, _loss_fn, recipe_optimizer, train_class
 CLASSES, SIZE = 5, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, contention slows tiny trainings."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_set(n=40, seed=0, size=SIZE):
