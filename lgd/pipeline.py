@@ -227,7 +227,7 @@ class Distiller:
         self.generator = load_generator(c, self.device)
         self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
         self.num_classes = self.train_set.num_classes
-        self.dit_classes = model_class_map(self.train_set, self.generator.dit.config.num_classes)
+        self.dit_classes = model_class_map(self.train_set, self.generator.dit.config.num_classes, "the DiT")
         self.channels = self.train_set.channels
         if self.generator.codec.image_channels != self.channels:
             raise ConfigError(f"the generator makes {self.generator.codec.image_channels}-channel images, "

@@ -70,7 +70,8 @@ def run_dir(tmp_path):
         "data": {"name": "fashion_mnist_embedded", "image_size": SIZE},
         "stages": {"ipc": 2, "increment": 1, "seed": "dit"},
         "eval": {"networks": ["convnet3"], "runs": 2, "baselines": ["random", "dit", "igd"],
-                 "recipe": {"recipe": "plain", "epochs": 1, "batch_size": 8}},
+                 "recipe": {"recipe": "plain", "epochs": 1, "batch_size": 8},
+                 "periodic_tests": 0},  # the tests of best-epoch reporting turn them on
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     write_json(run / "done.json", {"images": 20, "stages": 2})  # a finished run
@@ -448,13 +449,14 @@ def test_a_torchvision_resnet18_teacher_loads_and_reads_the_subset_classes(tmp_p
     teacher; with 1000 outputs on an ImageNet subset it answers at the subset's classes."""
     from types import SimpleNamespace
 
-    from lgd.classifiers.torchvision_resnet import TorchvisionResNet18, load_torchvision_resnet18
+    from lgd.classifiers.torchvision_resnet import (
+        IMAGENET_MEAN, IMAGENET_STD, TorchvisionResNet18, load_torchvision_resnet18)
     from lgd.config import Config
     from lgd.errors import CheckpointError
     from lgd.evaluation.protocol import load_teacher
 
     torch.manual_seed(0)
-    net = TorchvisionResNet18(3, 1000, 224).eval()
+    net = TorchvisionResNet18(3, 1000, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD).eval()  # torchvision's inputs
     state = {k: v for k, v in net.state_dict().items() if k not in ("mean", "std")}
     assert len(state) == 122 and sum(p.numel() for p in net.parameters()) == 11_689_512  # torchvision's resnet18
     path = tmp_path / "resnet18.pth"

@@ -37,8 +37,8 @@ class BasicBlock(nn.Module):
 
 
 class TorchvisionResNet18(ImageClassifier):
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: Stat = IMAGENET_MEAN,
-                 std: Stat = IMAGENET_STD, width: int = 64):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: Stat = 0.5,
+                 std: Stat = 0.5, width: int = 64):
         super().__init__(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -79,7 +79,8 @@ def load_torchvision_resnet18(path: str | Path, device: str | torch.device = "cp
     if not isinstance(state, dict) or "fc.weight" not in {k.removeprefix("module.") for k in state}:
         raise CheckpointError(f"{path} is not a torchvision ResNet-18 state dict (no fc.weight)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    model = TorchvisionResNet18(state["conv1.weight"].shape[1], state["fc.weight"].shape[0], 224)
+    model = TorchvisionResNet18(state["conv1.weight"].shape[1], state["fc.weight"].shape[0], 224,
+                                mean=IMAGENET_MEAN, std=IMAGENET_STD)
     expected = {k for k in model.state_dict() if k not in ("mean", "std")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -59,7 +59,7 @@ def load_dataset(
     return data.resized(image_size) if image_size else data
 
 
-def model_class_map(dataset, model_classes: int) -> list[int]:
+def model_class_map(dataset, model_classes: int, model: str = "the model") -> list[int]:
     """The label a model of `model_classes` outputs uses for each dataset class: the ImageNet-1K
     index of its WordNet id for a 1000-class model (a DiT, a torchvision teacher) on ImageNet or
     any subset of it (ImageNette, ImageWoof), else the same index."""
@@ -68,7 +68,7 @@ def model_class_map(dataset, model_classes: int) -> list[int]:
         return [IMAGENET_INDEX[w] for w in wnids]
     if model_classes == dataset.num_classes:
         return list(range(model_classes))
-    raise ConfigError(f"the model has {model_classes} classes and the dataset {dataset.num_classes}, and its "
+    raise ConfigError(f"{model} has {model_classes} classes and the dataset {dataset.num_classes}, and its "
                       "classes are not ImageNet WordNet ids that a 1000-class model could label")
 
 

@@ -276,7 +276,7 @@ def load_teacher(run: Path, config: Config, dataset, num_classes: int, device: t
     model = load_classifier(path, device)[0] if path.suffix == ".safetensors" else load_torchvision_resnet18(path, device)
     outputs = model.fc.out_features if hasattr(model, "fc") else None
     if outputs is not None and outputs != num_classes:
-        model = ClassSubset(model, model_class_map(dataset, outputs)).to(device)
+        model = ClassSubset(model, model_class_map(dataset, outputs, f"the teacher {name}")).to(device)
     weights = sum(float(t.double().sum()) for t in model.state_dict().values())
     return model.eval().requires_grad_(False), {"source": str(name), "fingerprint": weights}
 
