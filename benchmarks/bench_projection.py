@@ -9,7 +9,10 @@ layers per block), ConvNet-6 classifiers at 224 px, per image (batch 1): the fas
 guided steps, an unguided step, the final decode and the rank-selection scoring. Settings come
 from the nette preset. The timed call is the counting itself and means nothing.
 """
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from _measure import count_flops, environment, live_peak
 from _scenarios import CLASS, NUM_CLASSES, step_index
@@ -58,14 +61,36 @@ def nette_settings() -> dict:
     }
 
 
-def count_all(nette: dict) -> dict:
+@dataclass
+class NetteStep:
+    """DiT-XL/2, the SD-VAE codec, the classifiers and both guidances on the meta device, as the
+    nette preset builds them (random weights; only shapes matter here)."""
+
+    dit: nn.Module
+    codec: LatentCodec
+    sampler: Sampler
+    student: nn.Module
+    reference: nn.Module
+    surrogate: nn.Module
+    lgd: LearnabilityGuidance
+    igd: InfluenceGuidance
+
+    def nets(self, kind: str) -> list[nn.Module]:
+        return [self.student, self.reference] if kind == "lgd" else [self.surrogate]
+
+
+def nette_step(nette: dict, dtype: torch.dtype = torch.float32, checkpoint_decoder: bool = False) -> NetteStep:
+    """`dtype` applies to the DiT and the codec (a bf16 model stands in for bf16 autocast, see
+    guided_step_bytes); the classifiers stay fp32, as autocast leaves the guidance losses."""
+    from diffusers import AutoencoderKL
+
     size = nette["classifier_size"]
     classifier = lambda name: build_classifier(name, 3, NUM_CLASSES, size).to(META).eval().requires_grad_(False)
     with META:
-        dit = create_dit("DiT-XL/2").eval().requires_grad_(False)
-        from diffusers import AutoencoderKL
-
-        codec = LatentCodec(AutoencoderKL(**SD_VAE), scale=0.18215).eval().requires_grad_(False)
+        dit = create_dit("DiT-XL/2").eval().requires_grad_(False).to(dtype)
+        codec = LatentCodec(AutoencoderKL(**SD_VAE), scale=0.18215).eval().requires_grad_(False).to(dtype)
+    if checkpoint_decoder:
+        checkpoint_decoder_blocks(codec.vae.decoder)
     student, reference = classifier(nette["network"]), classifier(nette["network"])
     surrogate = classifier(nette["surrogate"])
     params = {k: torch.empty_like(v) for k, v in surrogate.named_parameters()}
@@ -73,31 +98,36 @@ def count_all(nette: dict) -> dict:
     influence = InfluenceLoss(surrogate, [params] * nette["checkpoints"],
                               torch.empty(nette["checkpoints"], NUM_CLASSES, total, device=META))
     sampler = Sampler(dit, SamplerSettings(nette["steps"], nette["cfg_scale"]), (4, 32, 32))
-    alphas, no_memory = sampler.diffusion.alphas_cumprod, ClassMemory(1)
+    alphas, no_memory, window = sampler.diffusion.alphas_cumprod, ClassMemory(1), (0, nette["steps"] - 1)
     lgd = LearnabilityGuidance(
         codec=codec, student=student, reference=reference, alphas_cumprod=alphas, omega=0.5, lam=15.0,
-        rho_scale=0.0015, window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0),
+        rho_scale=0.0015, window=window, deviation=Deviation(no_memory, 0.0),
         classifier_size=size)  # meta tensors take the plain path: the fused op adds no FLOPs
     igd = InfluenceGuidance(
         codec=codec, loss=influence, alphas_cumprod=alphas, k=5.0, rho_scale=0.0015,
-        window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0), classifier_size=size)
+        window=window, deviation=Deviation(no_memory, 0.0), classifier_size=size)
+    return NetteStep(dit, codec, sampler, student, reference, surrogate, lgd, igd)
+
+
+def count_all(nette: dict) -> dict:
+    n, size = nette_step(nette), nette["classifier_size"]
     x = torch.zeros(1, 4, 32, 32, device=META)
     y = torch.full((1,), CLASS, device=META)
-    step = lambda guidance: lambda: sampler.step(x, step_index(nette["steps"]), y, MetaNoise(), guidance, y)
+    step = lambda guidance: lambda: n.sampler.step(x, step_index(nette["steps"]), y, MetaNoise(), guidance, y)
     t = torch.zeros(1, device=META)
 
     def score():
         with torch.no_grad():
-            images = torch.nn.functional.interpolate(codec.decode(x), size=(size, size), mode="bilinear")
-            student(images), reference(images)
+            images = torch.nn.functional.interpolate(n.codec.decode(x), size=(size, size), mode="bilinear")
+            n.student(images), n.reference(images)
 
     return {
-        "lgd_step": count_flops(step(lgd)),
-        "igd_step": count_flops(step(igd)),
+        "lgd_step": count_flops(step(n.lgd)),
+        "igd_step": count_flops(step(n.igd)),
         "unguided_step": count_flops(step(None)),
-        "decode": count_flops(lambda: codec.decode(x)),
+        "decode": count_flops(lambda: n.codec.decode(x)),
         "decode_and_score": count_flops(score),
-        "dit_forward": count_flops(lambda: dit(x, t, y)),
+        "dit_forward": count_flops(lambda: n.dit(x, t, y)),
     }
 
 
@@ -125,55 +155,24 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_BATCH = 512
 
 
-def memory_models(nette: dict, dtype: torch.dtype, checkpoint_decoder: bool):
-    """DiT-XL/2, the SD-VAE codec and the classifiers on the meta device in `dtype`. A bf16 model
-    stands in for bf16 autocast, which keeps fp32 weights (counted: fp32 + bf16 copies) and
-    runs norms in fp32 (not counted: the bf16 figure is a slight underestimate)."""
-    from diffusers import AutoencoderKL
-
-    with META:
-        dit = create_dit("DiT-XL/2").eval().requires_grad_(False).to(dtype)
-        codec = LatentCodec(AutoencoderKL(**SD_VAE), scale=0.18215).eval().requires_grad_(False).to(dtype)
-    if checkpoint_decoder:
-        checkpoint_decoder_blocks(codec.vae.decoder)
-    size = nette["classifier_size"]
-    classifier = lambda name: build_classifier(name, 3, NUM_CLASSES, size).to(META).eval().requires_grad_(False)
-    return dit, codec, classifier
-
-
 def guided_step_bytes(nette: dict, kind: str, dtype: torch.dtype, checkpoint_decoder: bool):
-    """(weights, peak of one guided step as a function of the candidate batch) in bytes."""
-    dit, codec, classifier = memory_models(nette, dtype, checkpoint_decoder)
-    sampler = Sampler(dit, SamplerSettings(nette["steps"], nette["cfg_scale"]), (4, 32, 32))
-    alphas, no_memory, size = sampler.diffusion.alphas_cumprod, ClassMemory(1), nette["classifier_size"]
-    if kind == "lgd":
-        student, reference = classifier(nette["network"]), classifier(nette["network"])
-        guidance = LearnabilityGuidance(
-            codec=codec, student=student, reference=reference, alphas_cumprod=alphas, omega=0.5, lam=15.0,
-            rho_scale=0.0015, window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0),
-            classifier_size=size)
-        nets = [student, reference]
-    else:
-        surrogate = classifier(nette["surrogate"])
-        params = {k: torch.empty_like(v) for k, v in surrogate.named_parameters()}
-        total = sum(v.numel() for v in params.values())
-        loss = InfluenceLoss(surrogate, [params] * nette["checkpoints"],
-                             torch.empty(nette["checkpoints"], NUM_CLASSES, total, device=META))
-        guidance = InfluenceGuidance(codec=codec, loss=loss, alphas_cumprod=alphas, k=5.0, rho_scale=0.0015,
-                                     window=(0, nette["steps"] - 1), deviation=Deviation(no_memory, 0.0),
-                                     classifier_size=size)
-        nets = [surrogate]
-    weights = sum(p.numel() * p.element_size() for m in (dit, codec, *nets) for p in m.parameters())
+    """(weights, peak of one guided step as a function of the candidate batch) in bytes. A bf16
+    DiT and codec stand in for bf16 autocast, which keeps fp32 weights (counted: fp32 + bf16
+    copies) and runs norms in fp32 (not counted: the bf16 figure is a slight underestimate)."""
+    n = nette_step(nette, dtype, checkpoint_decoder)
+    guidance = n.lgd if kind == "lgd" else n.igd
+    weights = sum(p.numel() * p.element_size() for m in (n.dit, n.codec, *n.nets(kind)) for p in m.parameters())
     if dtype != torch.float32:  # autocast keeps the fp32 weights and caches low-precision copies
-        weights += sum(p.numel() * 4 for m in (dit, codec) for p in m.parameters())
+        weights += sum(p.numel() * 4 for m in (n.dit, n.codec) for p in m.parameters())
     if kind == "igd":
-        weights += sum(v.numel() * 4 for v in params.values()) * nette["checkpoints"] + loss.targets.numel() * 4
+        loss = n.igd.loss
+        weights += sum(v.numel() * 4 for p in loss.checkpoints for v in p.values()) + loss.targets.numel() * 4
 
     def peak(batch: int) -> int:
         x = torch.zeros(batch, 4, 32, 32, device=META, dtype=dtype)
         y = torch.full((batch,), CLASS, device=META)
         with torch.no_grad():
-            bytes_ = live_peak(lambda: sampler.step(x, step_index(nette["steps"]), y, MetaNoise(batch), guidance, y))
+            bytes_ = live_peak(lambda: n.sampler.step(x, step_index(nette["steps"]), y, MetaNoise(batch), guidance, y))
         guidance.nonfinite.mask = None  # the next call has another batch size (no failures on meta)
         return bytes_
 

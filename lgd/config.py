@@ -83,7 +83,8 @@ class TrainSection:
 
     network: str = "convnet6"
     width: int | None = None  # channel width override (None: the network's own, 128 for ConvNet)
-    # hard_label (IDC/Minimax), dc (DC/DSA ConvNet protocol), plain (IGD's surrogate) or
+    # hard_label (IDC/Minimax), dc (DC/DSA ConvNet protocol), plain (IGD's surrogate), augmented
+    # (the official IGD surrogate's: hard-label augmentation, no CutMix, constant LR) or
     # soft_label (RDED/SRe2L: teacher soft labels, AdamW, see above)
     recipe: str = "hard_label"
     epochs: int | None = None  # None: the recipe's default (IPC-dependent for hard_label, 300 for dc and soft_label)

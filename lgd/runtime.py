@@ -24,7 +24,6 @@ import torch
 from lgd.errors import ConfigError, LgdError
 
 log = logging.getLogger(__name__)
-DEFAULT_TIMEOUT_MINUTES = 180.0  # the config's distributed_timeout default
 # `accelerate launch` flags that configure Accelerator objects, which lgd does not use: its
 # precision and compilation are per-section config fields.
 IGNORED_LAUNCH_FLAGS = {
@@ -34,15 +33,19 @@ IGNORED_LAUNCH_FLAGS = {
 
 
 class Runtime:
-    def __init__(self, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES):
+    def __init__(self, timeout_minutes: float | None = None):
+        """timeout_minutes: the process group's timeout (None: the config's distributed_timeout default)."""
         from accelerate import PartialState
+
+        from lgd.config import Config
+
 
         # PartialState reads ACCELERATE_USE_CPU only when told: without cpu=True, a multi-process
         # CPU launch would start independent single processes that each think they are rank 0.
         force_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        self.timeout_minutes = timeout_minutes
+        self.timeout_minutes = Config.distributed_timeout if timeout_minutes is None else timeout_minutes
         self.state = PartialState(cpu=force_cpu or not torch.cuda.is_available(),
-                                  timeout=datetime.timedelta(minutes=timeout_minutes))
+                                  timeout=datetime.timedelta(minutes=self.timeout_minutes))
         self.rank = self.state.process_index
         self.world = self.state.num_processes
         self._lock = None

@@ -70,9 +70,7 @@ class Sampler:
         s = self.settings
         if s.cfg_scale == 1.0:
             return self.dit(x, t, labels)
-        if both_rows:
-            return self.dit.forward_with_cfg(x, t, labels, s.cfg_scale, s.cfg_channels, both_rows=True)
-        return self.dit.forward_with_cfg(x, t, labels, s.cfg_scale, s.cfg_channels)
+        return self.dit.forward_with_cfg(x, t, labels, s.cfg_scale, s.cfg_channels, both_rows=both_rows)
 
     def step(
         self, x: torch.Tensor, i: int, labels: torch.Tensor, noise: NoiseStream,

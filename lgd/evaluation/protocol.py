@@ -211,9 +211,7 @@ def finished_trainings(run: Path, signatures: dict) -> dict:
         path = training_path(run, job)
         if path.is_file():
             record = read_json(path)
-            periodic = sig.get("periodic_tests")
-            if {k: record.get(k) for k in sig} == sig and "accuracy" in record and (
-                    not periodic or "best_accuracy" in record):
+            if {k: record.get(k) for k in sig} == sig and "accuracy" in record:
                 done[job] = record
     return done
 
@@ -273,9 +271,13 @@ def load_teacher(run: Path, config: Config, dataset, num_classes: int, device: t
         what = "the run's reference model (lgd distill trains it when stages.ipc > stages.increment)" \
             if name == "reference" else "eval.teacher"
         raise ConfigError(f"{path} not found: {what} is the soft_label recipe's teacher")
-    model = load_classifier(path, device)[0] if path.suffix == ".safetensors" else load_torchvision_resnet18(path, device)
-    outputs = model.fc.out_features if hasattr(model, "fc") else None
-    if outputs is not None and outputs != num_classes:
+    if path.suffix == ".safetensors":
+        model, meta = load_classifier(path, device)
+        outputs = meta["spec"]["num_classes"]
+    else:
+        model = load_torchvision_resnet18(path, device)
+        outputs = model.fc.out_features
+    if outputs != num_classes:
         model = ClassSubset(model, model_class_map(dataset, outputs, f"the teacher {name}")).to(device)
     weights = sum(float(t.double().sum()) for t in model.state_dict().values())
     return model.eval().requires_grad_(False), {"source": str(name), "fingerprint": weights}

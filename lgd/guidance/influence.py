@@ -19,10 +19,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
-
-from lgd.diffusion import DeviceTable
 from torch.func import functional_call, grad, vmap
 
+from lgd.diffusion import DeviceTable
 from lgd.guidance.deviation import Deviation
 from lgd.guidance.common import NonFinite, to_classifier_input
 

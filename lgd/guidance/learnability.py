@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from lgd.diffusion import DeviceTable
-
 from lgd.guidance.common import NonFinite, to_classifier_input
 from lgd.guidance.deviation import Deviation
 from lgd.kernels import policy
