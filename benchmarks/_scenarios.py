@@ -25,7 +25,6 @@ import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,12 +33,13 @@ from torch import nn
 from lgd.acceleration import apply_speedups
 from lgd.classifiers import build_classifier
 from lgd.config import Config, load_config
-from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
+from lgd.candidates import CandidateGenerator, Generator
+from lgd.guidance import ClassMemory, InfluenceLoss
+from lgd.guidance.factory import guidance_factory
 from lgd.kernels.policy import kernel_mode
 from lgd.models import DiT, create_dit
 from lgd.models.vae import IdentityCodec, LatentCodec
-from lgd.pipeline import Distiller, Generator
-from lgd.sampling import Sampler, SamplerSettings
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
 
 NUM_CLASSES = 10
@@ -85,7 +85,6 @@ class Scenario:
     reference: nn.Module
     influence: InfluenceLoss
     memory: ClassMemory
-    classifier_size: int
     weights: str
     codec_info: str
 
@@ -103,22 +102,21 @@ class Scenario:
         settings = SamplerSettings(steps or s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta)
         return Sampler(self.dit, settings, self.latent_shape)
 
-    def guidance(self, kind: str, provider: str, sampler: Sampler, steps: int | None = None):
-        """The guidance object the pipeline builds for `kind` under `provider`, with the windows
-        scaled to a `steps`-step schedule when given."""
+    def run_config(self, provider: str, steps: int | None = None) -> Config:
+        """The config the pipeline would run `provider` under: its engine, and the guidance
+        windows scaled to a `steps`-step schedule when given."""
         c = self.config
-        alphas = sampler.diffusion.alphas_cumprod
-        if kind == "lgd":
-            return LearnabilityGuidance(
-                codec=self.codec, student=self.student, reference=self.reference, alphas_cumprod=alphas,
-                omega=c.lgd.omega, lam=c.lgd.lam, rho_scale=c.lgd.rho_scale,
-                window=scaled_window(c.lgd.window, c.sampling.steps, steps),
-                deviation=Deviation(self.memory, c.lgd.gamma), classifier_size=self.classifier_size)
-        return InfluenceGuidance(
-            codec=self.codec, loss=self.influence, alphas_cumprod=alphas, k=c.igd.k, rho_scale=c.igd.rho_scale,
-            window=scaled_window(c.igd.window, c.sampling.steps, steps),
-            deviation=Deviation(self.memory, c.igd.gamma), classifier_size=self.classifier_size,
-            reference=provider == "reference")
+        engine = "reference" if provider == "reference" else "fast"
+        scale = lambda section: dataclasses.replace(section, window=scaled_window(section.window, c.sampling.steps, steps))
+        return dataclasses.replace(c, sampling=dataclasses.replace(c.sampling, engine=engine),
+                                   lgd=scale(c.lgd), igd=scale(c.igd))
+
+    def guidance(self, kind: str, provider: str, sampler: Sampler, steps: int | None = None):
+        """The guidance the pipeline builds (lgd.guidance.factory) for `kind` under `provider`."""
+        make = guidance_factory(kind, self.run_config(provider, steps), codec=self.codec,
+                                alphas_cumprod=sampler.diffusion.alphas_cumprod, memory=self.memory,
+                                student=self.student, reference=self.reference, influence=self.influence)
+        return make([CLASS])
 
     def compiled(self) -> "Scenario":
         """This scenario with `sampling.compile`'s switches on copies of its DiT, codec and
@@ -149,7 +147,7 @@ class Scenario:
             "image": [self.codec.image_channels] + [d.input_size * self.codec.downsample] * 2,
             "dit": {"hidden": d.hidden_size, "depth": d.depth, "heads": d.num_heads, "patch": d.patch_size,
                     "tokens": d.grid_size ** 2, "params": sum(p.numel() for p in self.dit.parameters())},
-            "classifiers": f"{_network(self.config.lgd.stage_model)} @ {self.classifier_size} px",
+            "classifiers": f"{_network(self.config.lgd.stage_model)} @ {self.student.image_size} px",
             "surrogate": f"{_network(self.config.igd.surrogate)}, E={len(self.influence.checkpoints)} checkpoints",
             "kappa": self.config.lgd.kappa, "cfg_scale": self.config.sampling.cfg_scale,
         }
@@ -234,12 +232,12 @@ def build_demo() -> Scenario:
         torch.manual_seed(0)
         codec, vae_weights = LatentCodec(AutoencoderKL(**VAE_CONFIG)), "random"
     blocks = list(codec.vae.config.block_out_channels)
-    size = config.data.classifier_size or config.data.image_size
+    size = config.data.classifier_input
     student, reference, influence = _classifiers(config, codec.image_channels, size, seed=1)
     return Scenario(
         name="demo", config=config, dit=_frozen(dit), codec=_frozen(codec), student=student,
         reference=reference, influence=influence, memory=_memory(config, _latent(dit), 2),
-        classifier_size=size, weights=f"DiT {dit_weights}, VAE {vae_weights}",
+        weights=f"DiT {dit_weights}, VAE {vae_weights}",
         codec_info=f"AutoencoderKL {blocks} 32x32x1 <-> 8x8x4")
 
 
@@ -260,7 +258,7 @@ def build_dit_b2() -> Scenario:
     return Scenario(
         name="dit-b2", config=config, dit=_frozen(dit), codec=_frozen(codec), student=student,
         reference=reference, influence=influence, memory=_memory(config, _latent(dit), 2),
-        classifier_size=32, weights="random", codec_info="identity 32x32x4")
+        weights="random", codec_info="identity 32x32x4")
 
 
 def _latent(dit: DiT) -> tuple[int, int, int]:
@@ -308,21 +306,18 @@ def step_run(scn: Scenario, kind: str, provider: str, images: int) -> Callable[[
 
 
 def sampling_run(scn: Scenario, kind: str, provider: str, images: int, steps: int) -> Callable[[], None]:
-    """A whole unit through the pipeline's own `Distiller.sample_candidates` (fast: one batch,
+    """A whole unit through the pipeline's own `CandidateGenerator.sample` (fast: one batch,
     reference: one image at a time), `steps` respaced steps, guidance inside the scaled window."""
     scn = scn.for_provider(provider)
-    engine = "reference" if provider == "reference" else "fast"
-    config = dataclasses.replace(scn.config, sampling=dataclasses.replace(scn.config.sampling, engine=engine))
     sampler = scn.sampler(steps)
     guidance = scn.guidance(kind, provider, sampler, steps)
-    # sample_candidates reads only these attributes of the Distiller.
-    unit = SimpleNamespace(config=config, generator=Generator(scn.dit, scn.codec, sampler),
-                           dit_classes=list(range(NUM_CLASSES)), device=torch.device("cpu"))
+    candidates = CandidateGenerator(Generator(scn.dit, scn.codec, sampler), list(range(NUM_CLASSES)),
+                                    torch.device("cpu"), engine=scn.run_config(provider).sampling.engine)
     seeds = list(range(1000, 1000 + images))
 
     def run() -> None:
         with kernel_mode(kernels_for(provider)):
-            Distiller.sample_candidates(unit, seeds, [CLASS] * len(seeds), guidance)
+            candidates.sample(seeds, [CLASS] * len(seeds), guidance)
 
     return run
 

@@ -9,6 +9,7 @@ layers per block), ConvNet-6 classifiers at 224 px, per image (batch 1): the fas
 guided steps, an unguided step, the final decode and the rank-selection scoring. Settings come
 from the nette preset. The timed call is the counting itself and means nothing.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,11 @@ from _scenarios import CLASS, NUM_CLASSES, step_index
 
 from lgd.classifiers import build_classifier
 from lgd.config import Config, read_preset
-from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
+from lgd.guidance import ClassMemory, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
+from lgd.guidance.factory import guidance_factory
 from lgd.models import create_dit
 from lgd.models.vae import LatentCodec, checkpoint_decoder_blocks
-from lgd.sampling import Sampler, SamplerSettings
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 
 META = torch.device("meta")
 SD_VAE = dict(  # the layout of sd-vae-ft-mse / sd-vae-ft-ema, the VAE of DiT-XL/2
@@ -98,19 +100,21 @@ def nette_step(nette: dict, dtype: torch.dtype = torch.float32, checkpoint_decod
     influence = InfluenceLoss(surrogate, [params] * nette["checkpoints"],
                               torch.empty(nette["checkpoints"], NUM_CLASSES, total, device=META))
     sampler = Sampler(dit, SamplerSettings(nette["steps"], nette["cfg_scale"]), (4, 32, 32))
-    alphas, no_memory, window = sampler.diffusion.alphas_cumprod, ClassMemory(1), (0, nette["steps"] - 1)
-    lgd = LearnabilityGuidance(
-        codec=codec, student=student, reference=reference, alphas_cumprod=alphas, omega=0.5, lam=15.0,
-        rho_scale=0.0015, window=window, deviation=Deviation(no_memory, 0.0),
-        classifier_size=size)  # meta tensors take the plain path: the fused op adds no FLOPs
-    igd = InfluenceGuidance(
-        codec=codec, loss=influence, alphas_cumprod=alphas, k=5.0, rho_scale=0.0015,
-        window=window, deviation=Deviation(no_memory, 0.0), classifier_size=size)
+    # The nette preset's guidance from the pipeline's factory, guiding every step of the count;
+    # meta tensors take the plain path: the fused op adds no FLOPs.
+    preset = Config.from_dict(read_preset("nette"))
+    window = (0, nette["steps"] - 1)
+    config = dataclasses.replace(preset, lgd=dataclasses.replace(preset.lgd, window=window),
+                                 igd=dataclasses.replace(preset.igd, window=window))
+    build = lambda kind: guidance_factory(kind, config, codec=codec, alphas_cumprod=sampler.diffusion.alphas_cumprod,
+                                          memory=ClassMemory(1), student=student, reference=reference,
+                                          influence=influence)([CLASS])
+    lgd, igd = build("lgd"), build("igd")
     return NetteStep(dit, codec, sampler, student, reference, surrogate, lgd, igd)
 
 
 def count_all(nette: dict) -> dict:
-    n, size = nette_step(nette), nette["classifier_size"]
+    n = nette_step(nette)
     x = torch.zeros(1, 4, 32, 32, device=META)
     y = torch.full((1,), CLASS, device=META)
     step = lambda guidance: lambda: n.sampler.step(x, step_index(nette["steps"]), y, MetaNoise(), guidance, y)
@@ -118,7 +122,7 @@ def count_all(nette: dict) -> dict:
 
     def score():
         with torch.no_grad():
-            images = torch.nn.functional.interpolate(n.codec.decode(x), size=(size, size), mode="bilinear")
+            images = n.codec.decode(x)  # each classifier resizes it to its input size
             n.student(images), n.reference(images)
 
     return {

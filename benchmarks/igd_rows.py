@@ -12,6 +12,7 @@ same term either way). Trains the config's IGD surrogate first (the demo's: seco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from lgd.config import load_config
-from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance
+from lgd.guidance import ClassMemory, InfluenceGuidance
+from lgd.guidance.factory import guidance_factory
 from lgd.pipeline import Distiller
 from lgd.seeding import NoiseStream, derive_seed
 
@@ -57,20 +59,22 @@ def measure(config_name: str, overrides: list[str], classes: int | None = None) 
         distiller = Distiller(config, Path(tmp) / "run", progress=False)
         try:
             distiller.prepare()
-            loss = distiller.influence_loss()
-            g, sampler = config.igd, distiller.generator.sampler
-            make = lambda rows: InfluenceGuidance(
-                codec=distiller.generator.codec, loss=loss, alphas_cumprod=sampler.diffusion.alphas_cumprod,
-                k=g.k, rho_scale=g.rho_scale, window=g.window, deviation=Deviation(ClassMemory(1), 0.0),
-                classifier_size=distiller.surrogate_size, decode_rows=rows)
+            loss, sampler = distiller.influence_loss(), distiller.generator.sampler
+
+            def make(rows: str):  # the pipeline's IGD guidance with these decode rows, no deviation
+                c = dataclasses.replace(config, igd=dataclasses.replace(config.igd, decode_rows=rows, gamma=0.0))
+                return guidance_factory("igd", c, codec=distiller.generator.codec,
+                                        alphas_cumprod=sampler.diffusion.alphas_cumprod, memory=ClassMemory(1),
+                                        device=distiller.device, influence=loss)([])
+
             compare = Compare(make("both"), make("conditional"), sampler)
             n = classes or distiller.num_classes
-            labels = torch.tensor([distiller.dit_classes[c] for c in range(n)], device=distiller.device)
+            labels = torch.tensor([distiller.candidates.dit_classes[c] for c in range(n)], device=distiller.device)
             noise = NoiseStream([derive_seed(config.seed, "igd-rows", c) for c in range(n)], distiller.device)
             with torch.no_grad():
                 sampler.sample(labels, noise, compare, targets=torch.arange(n, device=distiller.device))
         finally:
-            distiller.runtime.shutdown()
+            distiller.close()
     flat = [c for step in compare.cosines for c in step]
     return {"config": config_name, "overrides": overrides, "samples": n, "guided_steps": len(compare.cosines),
             "cosine": {"min": min(flat), "median": statistics.median(flat), "max": max(flat)},

@@ -48,12 +48,16 @@ def learnability_reference(
     onehot = F.one_hot(labels, student.shape[1]).to(logp_s.dtype)
     grad_s = logp_s.exp() - onehot
     grad_r = -omega * (logp_r.exp() - onehot)
-    # torch.argmax returns the first maximal index, as the fused kernels do.
-    local = score.view(-1, kappa).argmax(dim=1)
-    winners = local + torch.arange(0, score.shape[0], kappa, device=score.device)
     return LearnabilityResult(
-        ce_s.float(), ce_r.float(), score.float(), grad_s.to(dtype), grad_r.to(dtype), winners
+        ce_s.float(), ce_r.float(), score.float(), grad_s.to(dtype), grad_r.to(dtype), group_winners(score, kappa)
     )
+
+
+def group_winners(score: torch.Tensor, kappa: int) -> torch.Tensor:
+    """Rank selection: the global index of the highest score in each consecutive group of kappa
+    (the first on ties: torch.argmax returns the first maximal index, as the fused kernels do)."""
+    local = score.view(-1, kappa).argmax(dim=1)
+    return local + torch.arange(0, score.shape[0], kappa, device=score.device)
 
 
 def launch_config(N: int, C: int) -> tuple[int, int]:

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from lgd.evaluation import analyze_run, check_finished, load_run_config, resolve_device, write_report
+    from lgd.evaluation import analyze_run, check_finished, load_run_config, write_report
+    from lgd.runtime import resolve_device
 
     config = load_run_config(args.run_dir, args.overrides)
     check_finished(args.run_dir, args.partial)

@@ -31,6 +31,11 @@ class DataSection:
     image_size: int = 32  # size the generator makes (and real images are resized to)
     classifier_size: int | None = None  # input size of the classifiers (None: image_size; 224 for Nette/Woof)
 
+    @property
+    def classifier_input(self) -> int:
+        """The classifiers' input size (each classifier resizes what it is given to this)."""
+        return self.classifier_size or self.image_size
+
 
 @dataclass
 class SamplingSection:
@@ -370,7 +375,7 @@ def _check_attention(config: Config) -> None:
 def validate(config: Config) -> None:
     """Reject every bad value or combination before any work starts (paths are checked too)."""
     s = config.sampling
-    from lgd.sampling import SamplerSettings
+    from lgd.diffusion.sampler import SamplerSettings
 
     SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta).validate()
     _check(s.batch_size >= 1, "sampling.batch_size must be at least 1")

@@ -37,16 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    from lgd.evaluation import check_finished, evaluate_run, load_run_config, resolve_device, write_report
+    from lgd.evaluation import check_finished, evaluate_run, load_run_config, write_report
     from lgd.runtime import Runtime
 
     config = load_run_config(args.run_dir, args.overrides)
     check_finished(args.run_dir, args.partial)
     runtime = Runtime()
     try:
-        name = args.device or config.device
-        # Several processes on "auto": each rank on its own device, as lgd distill does.
-        device = runtime.device if name == "auto" and runtime.world > 1 else resolve_device(name)
+        device = runtime.device_for(args.device or config.device)
         evaluate_run(args.run_dir, config, networks=args.networks, runs=args.runs, epochs=args.epochs,
                      sets=args.sets, device=device, runtime=runtime, progress=not args.no_progress)
         return write_report(args.run_dir) if runtime.is_main else None

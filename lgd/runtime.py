@@ -2,7 +2,7 @@
 
 One `Runtime` per process: rank and world size from Accelerate's PartialState (a single
 process when not launched by `accelerate launch`), barriers, gathering Python objects onto
-every rank, the run-directory lock, and the clean shutdown that keeps multi-process CPU runs
+every rank, the device each process uses, and the clean shutdown that keeps multi-process CPU runs
 from aborting at exit.
 
 The process group is created with the run's `distributed_timeout`: the main process trains
@@ -11,13 +11,11 @@ than NCCL's default 10 minutes at ImageNette scale and hours at ImageNet scale.
 """
 from __future__ import annotations
 
-import fcntl
 import contextlib
 import datetime
 import gc
 import logging
 import os
-from pathlib import Path
 
 import torch
 
@@ -48,7 +46,6 @@ class Runtime:
                                   timeout=datetime.timedelta(minutes=self.timeout_minutes))
         self.rank = self.state.process_index
         self.world = self.state.num_processes
-        self._lock = None
         if self.is_main:
             warn_ignored_launch_flags()
 
@@ -60,6 +57,11 @@ class Runtime:
     def device(self) -> torch.device:
         device = self.state.device
         return torch.device("cpu") if device.type == "cpu" else device
+
+    def device_for(self, name: str) -> torch.device:
+        """The device this process computes on for a config's `device`: under a multi-process
+        launch, "auto" is this rank's own device (one GPU per process)."""
+        return self.device if name == "auto" and self.world > 1 else resolve_device(name)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -99,42 +101,25 @@ class Runtime:
             raise LgdError(f"process {self.rank} of {self.world} lost the other processes at {what}: "
                            f"{text.splitlines()[0] if text else type(exc).__name__}") from None
 
-    def lock(self, run: Path) -> None:
-        """Refuse a second run on a run directory that is in use (the main process holds the lock;
-        the OS drops it when the process dies, so a killed run can be resumed)."""
-        if not self.is_main:
-            return
-        run.mkdir(parents=True, exist_ok=True)
-        handle = open(run / ".lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ConfigError(f"{run} is in use by another lgd run; wait for it or use another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock = handle
-
-    def check_writable(self, run: Path) -> None:
-        try:
-            run.mkdir(parents=True, exist_ok=True)
-            probe = run / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise LgdError(f"cannot write to the run directory {run}: {exc.strerror}") from None
-
     def shutdown(self) -> None:
         """Finish together and tear the process group down before the interpreter exits."""
         self.barrier()
         gc.collect()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto (CUDA when there is one), cpu, cuda or cuda:N, checked against this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but CUDA is not available")
+    return device
 
 
 def warn_ignored_launch_flags() -> None:

@@ -23,7 +23,8 @@ from lgd.files import write_json, write_png
 from lgd.kernels.policy import MODES, kernel_mode, resolve_mode
 from lgd.models import load_dit
 from lgd.models.vae import IdentityCodec, load_vae
-from lgd.sampling import Sampler, SamplerSettings
+from lgd.runtime import resolve_device
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream, derive_seed
 
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-heads", type=int, default=None, help="DiT heads, if not inferable from the checkpoint")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT and the VAE decoder")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast dtype of the DiT and VAE (auto: bf16 on GPUs with native bf16, else fp32)")
@@ -73,7 +74,7 @@ def _sample(args: argparse.Namespace) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output folder {out} exists and is not empty")
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dit = load_dit(args.dit, num_heads=args.num_heads, device=device)
     num_classes = dit.config.num_classes
     classes = list(range(num_classes)) if not args.classes else args.classes

@@ -21,7 +21,7 @@ from lgd.guidance.influence import class_mean_gradients
 from lgd.models import create_dit
 from lgd.models.dit import DiT
 from lgd.models.vae import IdentityCodec, LatentCodec
-from lgd.sampling import Sampler, SamplerSettings
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
 from tests.helpers import tiny_dit_file, tiny_vae_folder
 

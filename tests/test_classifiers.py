@@ -52,7 +52,7 @@ def test_normalisation_inside_the_model():
     model = build_classifier("convnet3", 3, 10, 8, mean=mean, std=std, width=4)
     x = torch.rand(2, 3, 8, 8)
     expected = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    torch.testing.assert_close(model.normalize(x), expected)
+    torch.testing.assert_close(model.prepare(x), expected)
     assert "mean" in model.state_dict()  # checkpoints carry their normalisation
     with pytest.raises(ConfigError):
         build_classifier("convnet3", 3, 10, 8, mean=(0.5, 0.5))
@@ -105,3 +105,40 @@ def test_vmap_per_sample_gradients_match_loop():
         F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         for k, p in model.named_parameters():
             torch.testing.assert_close(batched[k][i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_guidance_and_scoring_see_the_same_input():
+    """The classifier owns its input: a 12 px image reaches the first layer of a 8 px classifier
+    identically when the stage model is trained on it, guided with it and scores it."""
+    from lgd.config import TrainSection
+    from lgd.diffusion import Diffusion
+    from lgd.guidance import ClassMemory, Deviation, LearnabilityGuidance, learnability
+    from lgd.models.vae import IdentityCodec
+    from lgd.training import train_classifier
+
+    torch.manual_seed(0)
+    student, reference = (build_classifier("convnet3", 1, 3, 8, width=4) for _ in range(2))
+    image, label = torch.randint(0, 256, (1, 1, 12, 12)) / 256, torch.tensor([2])  # exact through the codec
+    seen = []
+    student.features[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+
+    train_classifier(student, (image, label), TrainSection(recipe="plain", epochs=1, batch_size=1), progress=False)
+    trained = seen[-1]
+    student.requires_grad_(False)
+    codec = IdentityCodec(1)
+    x_t = codec.encode(image).requires_grad_(True)
+    guidance = LearnabilityGuidance(
+        codec=codec, student=student, reference=reference,
+        alphas_cumprod=Diffusion(num_sampling_steps=10).alphas_cumprod, omega=0.5, lam=1.0, rho_scale=1.0,
+        window=(0, 9), deviation=Deviation(ClassMemory(1), 0.0))
+    with torch.enable_grad():
+        guidance.gradient(x_t, x_t * 1.0, label)
+    guided = seen[-1]
+    with torch.no_grad():
+        learnability(student, reference, image, label, 0.5)
+    scored = seen[-1]
+    assert trained.shape == (1, 1, 8, 8)
+    assert torch.equal(trained, guided) and torch.equal(guided, scored)
+    # the one resize: antialiased bilinear, then the classifier's statistics
+    expected = (F.interpolate(image, size=(8, 8), mode="bilinear", antialias=True) - 0.5) / 0.5
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)

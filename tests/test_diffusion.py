@@ -1,5 +1,6 @@
 """Diffusion maths: schedule, respacing, DDPM/DDIM steps vs diffusers, Tweedie, sampling, loss."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from lgd.diffusion import (
     normal_kl,
     space_timesteps,
 )
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.errors import ConfigError
+from lgd.seeding import NoiseStream
 
 SHAPE = (2, 4, 4, 4)  # [B, C, H, W]: tiny latents
 TOL = dict(rtol=1e-4, atol=1e-4)  # diffusers keeps its schedule in float32, we in float64
@@ -216,31 +219,47 @@ def _toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([eps, torch.tanh(x)], dim=1)
 
 
+class _ToyDiT:
+    """What the sampler needs of a DiT: config.learn_sigma and dit(x, t, labels) (cfg_scale 1)."""
+
+    config = SimpleNamespace(learn_sigma=True)
+
+    def __init__(self, model=_toy_model):
+        self.model = model
+
+    def __call__(self, x, t, labels):
+        return self.model(x, t)
+
+
+def _sampler(steps: int, method: str = "ddpm", eta: float = 0.0, model=_toy_model) -> Sampler:
+    settings = SamplerSettings(steps=steps, cfg_scale=1.0, method=method, eta=eta)
+    return Sampler(_ToyDiT(model), settings, SHAPE[1:])
+
+
 @pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.5)])
 def test_seeded_sampling_is_reproducible(method, eta):
-    diffusion = Diffusion(num_sampling_steps=10)
-    x_T = torch.randn(SHAPE)
+    sampler = _sampler(10, method, eta)
+    labels = torch.zeros(SHAPE[0], dtype=torch.long)
 
     def run(seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return diffusion.sample(_toy_model, x_T, gen, method=method, eta=eta)
+        return sampler.sample(labels, NoiseStream([seed + n for n in range(SHAPE[0])]))
 
-    a, b, c = run(0), run(0), run(1)
+    a, b, c = run(0), run(0), run(100)
     assert torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
 
 def test_sampling_calls_the_model_with_original_timesteps():
-    diffusion = Diffusion(num_sampling_steps=5)
     seen = []
 
     def model(x, t):
         seen.append(int(t[0]))
         return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
 
-    diffusion.sample(model, torch.randn(SHAPE), method="ddim")  # eta = 0 needs no generator
-    assert seen == diffusion.timesteps.flip(0).tolist() == [999, 749, 500, 250, 0]
+    sampler = _sampler(5, "ddim", model=model)
+    sampler.sample(torch.zeros(SHAPE[0], dtype=torch.long), NoiseStream(list(range(SHAPE[0]))))
+    assert seen == sampler.diffusion.timesteps.flip(0).tolist() == [999, 749, 500, 250, 0]
 
 
 def test_bad_step_input_is_rejected():
@@ -253,7 +272,7 @@ def test_bad_step_input_is_rejected():
     with pytest.raises(ConfigError, match="outside"):
         diffusion.predict_x0(x_t, 50, x_t)
     with pytest.raises(ConfigError, match="method"):
-        diffusion.sample(_toy_model, x_t, torch.Generator(), method="euler")
+        _sampler(10, method="euler")
 
 
 # ---- training loss --------------------------------------------------------------------------

@@ -3,13 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lgd.guidance import ClassMemory, Deviation, LearnabilityGuidance, learnability, top1_per_group
+from lgd.guidance import ClassMemory, Deviation, LearnabilityGuidance, learnability
+from lgd.kernels.learnability import group_winners
 from lgd.guidance.deviation import cosine_gradient
 from lgd.guidance.influence import select_checkpoints
 from lgd.kernels.policy import kernel_mode
 from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
-from lgd.sampling import Sampler, SamplerSettings
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
 from tests.helpers import influence_setup, tiny_net
 
@@ -83,12 +84,12 @@ def test_deviation_moves_away_from_most_similar_memory_entry():
     assert after < before
 
 
-def test_top1_per_group_is_the_argmax():
+def test_rank_selection_is_the_first_argmax_of_each_group():
     scores = torch.tensor([0.1, 0.5, 0.2, 3.0, -1.0, 2.0, 0.0, 0.0, 0.0])
-    assert top1_per_group(scores, 3).tolist() == [1, 3, 6]
+    assert group_winners(scores, 3).tolist() == [1, 3, 6]
     torch.manual_seed(0)
     scores = torch.randn(40)
-    winners = top1_per_group(scores, 4)
+    winners = group_winners(scores, 4)
     assert torch.equal(scores[winners], scores.view(10, 4).max(dim=1).values)
 
 
@@ -157,9 +158,9 @@ def test_fused_learnability_equals_plain_with_gradients(shape):
     for mode in ("torch", "fused"):
         x = torch.randn(n, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
         with kernel_mode(mode):
-            s, ce_s, ce_r = learnability(student, reference, x, labels, 0.5)
+            s, ce_s, ce_r, winners = learnability(student, reference, x, labels, 0.5, kappa=2 if n % 2 == 0 else 3)
         (grad,) = torch.autograd.grad(s.sum(), x)
-        results.append((s, ce_s, ce_r, grad))
+        results.append((s, ce_s, ce_r, grad, winners))
     for plain, fused in zip(*results):
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 

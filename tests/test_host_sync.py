@@ -14,7 +14,7 @@ from lgd.classifiers import build_classifier
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
 from lgd.models import create_dit
 from lgd.models.vae import LatentCodec
-from lgd.sampling import Sampler, SamplerSettings
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 
 META = torch.device("meta")
 aten = torch.ops.aten

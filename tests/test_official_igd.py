@@ -4,7 +4,7 @@ The official sampler carries both rows of the classifier-free-guidance batch (th
 its null-class twin, which starts equal and then takes its own noise), decodes the Tweedie
 estimates of both into the influence loss, labelled with the sample's class, and guides the
 conditional row by the gradient of their sum. Written here from that description,
-independently of lgd.sampling.
+independently of lgd.diffusion.sampler.
 """
 import pytest
 import torch
@@ -15,7 +15,7 @@ from lgd.diffusion import Diffusion
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance
 from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
-from lgd.sampling import NullRow, Sampler, SamplerSettings
+from lgd.diffusion.sampler import NullRow, Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
 from tests.helpers import influence_setup
 
@@ -111,19 +111,20 @@ def test_official_surrogate_protocol_trains_and_guides_as_the_official_code(tiny
     """igd.surrogate_protocol=official: the `augmented` recipe at data.image_size (not the
     classifiers' size), ImageNet-normalised in training, [-1, 1] inputs (0.5/0.5) in guidance;
     the default keeps igd.surrogate's recipe, the classifier size and the training statistics."""
-    from lgd import pipeline
+    from lgd import classifier_cache
+    from lgd.guidance import ClassMemory
     from lgd.config import load_config
     from lgd.pipeline import Distiller
     from tests.helpers import tiny_overrides
 
     trained = []
-    train = pipeline.train_classifier
+    train = classifier_cache.train_classifier
 
     def spy(model, data, section, **kwargs):
-        trained.append((section.recipe, kwargs["classifier_size"], model.mean.flatten().tolist()))
+        trained.append((section.recipe, model.image_size, model.mean.flatten().tolist()))
         return train(model, data, section, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train_classifier", spy)
+    monkeypatch.setattr(classifier_cache, "train_classifier", spy)
     seen = {}
     for protocol in ("lgd", "official"):
         overrides = tiny_overrides(tiny_models, **{"data.classifier_size": 6, "igd.surrogate_protocol": protocol})
@@ -131,10 +132,11 @@ def test_official_surrogate_protocol_trains_and_guides_as_the_official_code(tiny
         try:
             distiller.prepare()
             loss = distiller.influence_loss()
-            guidance = distiller.influence_guidance(pipeline.ClassMemory(1))([0])
-            seen[protocol] = (guidance.classifier_size, loss.model.mean.flatten().tolist(), loss.model.std.flatten().tolist())
+            guidance = distiller.guidance("igd", ClassMemory(1))([0])
+            assert guidance.loss is loss
+            seen[protocol] = (loss.model.image_size, loss.model.mean.flatten().tolist(), loss.model.std.flatten().tolist())
         finally:
-            distiller.runtime.shutdown()
+            distiller.close()
     (lgd_recipe, lgd_size, lgd_mean), (official_recipe, official_size, official_mean) = trained
     assert (lgd_recipe, lgd_size, official_recipe, official_size) == ("plain", 6, "augmented", 8)
     assert lgd_mean == official_mean == [0.5]  # 1-channel data trains on 0.5/0.5 either way

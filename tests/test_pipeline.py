@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from lgd.config import Config, load_config
 from lgd.errors import ConfigError
-from lgd.pipeline import Distiller, claim_run_dir
+from lgd.pipeline import Distiller
+from lgd.rundir import RunDir
 from lgd.rundir import finished_records, load_synthetic
 from tests.helpers import files, tiny_overrides
 
@@ -76,17 +77,17 @@ def test_resume_fills_fields_added_since_the_run_started(tmp_path):
     import yaml
 
     config = load_config("demo")
-    claim_run_dir(tmp_path, config)
+    RunDir(tmp_path).claim(config)
     stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del stored["sampling"]["precision"], stored["lgd"]["rho_scale"]  # as if written by an older lgd
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
-    claim_run_dir(tmp_path, config)  # no error
+    RunDir(tmp_path).claim(config)  # no error
     with pytest.raises(ConfigError, match=r"different config \(stages.ipc\)"):
-        claim_run_dir(tmp_path, load_config("demo", ["stages.ipc=20"]))
+        RunDir(tmp_path).claim(load_config("demo", ["stages.ipc=20"]))
     stored["sampling"]["old_knob"] = 1
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
     with pytest.raises(ConfigError, match="does not fit this version.*unknown config key.*sampling.old_knob"):
-        claim_run_dir(tmp_path, config)
+        RunDir(tmp_path).claim(config)
 
 
 def test_resumed_after_kill_equals_uninterrupted(tiny_models, tmp_path):
@@ -121,10 +122,10 @@ def test_busy_or_changed_run_directory_is_refused(tiny_models, tmp_path):
     second = Distiller(load_config("demo", tiny_overrides(tiny_models, **{"stages.ipc": 6})), run, progress=False)
     with pytest.raises(ConfigError, match="in use by another lgd run"):
         second.prepare()  # the first still holds the run directory
-    first.runtime.shutdown()
+    first.close()
     with pytest.raises(ConfigError, match="stages.ipc"):
         second.prepare()
-    second.runtime.shutdown()
+    second.close()
 
 
 def test_unwritable_run_directory_is_a_clear_error(tiny_models, tmp_path):
@@ -146,7 +147,7 @@ def test_compile_switch_reaches_the_influence_loss(tiny_models, tmp_path):
             distiller.prepare()
             assert distiller.influence_loss().compiled is compile
         finally:
-            distiller.runtime.shutdown()
+            distiller.close()
 
 
 def test_out_of_memory_is_one_line_and_resumes_with_a_smaller_batch(tiny_models, tmp_path, monkeypatch):
@@ -155,14 +156,16 @@ def test_out_of_memory_is_one_line_and_resumes_with_a_smaller_batch(tiny_models,
     keeps every finished image."""
     from lgd.errors import LgdError
 
-    generate = Distiller.generate_batch
+    from lgd.candidates import CandidateGenerator
+
+    generate = CandidateGenerator._batch
 
     def small_memory(self, stage, jobs, *args):
         if stage == 2 and len(jobs) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return generate(self, stage, jobs, *args)
 
-    monkeypatch.setattr(Distiller, "generate_batch", small_memory)
+    monkeypatch.setattr(CandidateGenerator, "_batch", small_memory)
     run = tmp_path / "run"
     overrides = tiny_overrides(tiny_models, **{"sampling.batch_size": 4, "eval.baselines": []})
     with pytest.raises(LgdError) as failure:
@@ -186,7 +189,7 @@ def test_out_of_memory_is_one_line_and_resumes_with_a_smaller_batch(tiny_models,
 
 
 def test_out_of_memory_with_one_group_per_batch_says_what_else_to_change():
-    from lgd.pipeline import out_of_memory_message
+    from lgd.candidates import out_of_memory_message
 
     message = out_of_memory_message(torch.device("cpu"), 3, 3, 3)
     assert "one group of 3 candidates (lgd.kappa=3)" in message and "sampling.batch_size=" not in message

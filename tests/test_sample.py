@@ -76,7 +76,7 @@ def test_missing_checkpoint_and_nonempty_out(models, tmp_path, capsys):
 
 
 def test_out_of_memory_is_one_line_with_the_batch_to_use(models, tmp_path, capsys, monkeypatch):
-    from lgd.sampling import Sampler
+    from lgd.diffusion.sampler import Sampler
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

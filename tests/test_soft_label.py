@@ -198,7 +198,7 @@ def test_teacher_is_left_untouched_and_sees_what_the_student_sees(caplog, monkey
     data = tiny_set(20, size=20)  # 20 px images for a 16 px classifier: both see 16 px
     with caplog.at_level(logging.INFO, logger="lgd.training.trainer"):
         members = [Member(net(), data, seed) for seed in (0, 1)]
-        train_classifiers(members, section(epochs=2), classifier_size=SIZE, teacher=teacher, progress=False)
+        train_classifiers(members, section(epochs=2), teacher=teacher, progress=False)
     notes = [r for r in caplog.records if "reference loop" in r.getMessage()]
     assert len(notes) == 1 and notes[0].levelno == logging.INFO  # once, for both members
     assert teacher.training  # mode restored

@@ -4,10 +4,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
-from lgd.classifiers import build_classifier
+from lgd.classifiers import ImageClassifier, build_classifier
 from lgd.config import TrainSection
 from lgd.errors import ConfigError, DataError
 from lgd.training import (
@@ -176,14 +175,16 @@ def test_default_epochs_follow_ipc():
     assert default_epochs("dc", 10) == 300 and default_epochs("plain", 10) == 50
 
 
-class _MeanChannel(nn.Module):
-    """Logit of class c = mean of channel c: a fixed, hand-checkable classifier."""
+class _MeanChannel(ImageClassifier):
+    """Logit of class c = mean of channel c (4 px input, identity statistics): a fixed,
+    hand-checkable classifier."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(3, 4, mean=0.0, std=1.0)
         self.seen_sizes = []
 
     def forward(self, x):
+        x = self.prepare(x)
         self.seen_sizes.append(tuple(x.shape[-2:]))
         return x.mean(dim=(2, 3))
 
@@ -194,7 +195,7 @@ def test_accuracy_on_a_hand_made_case():
         x[i, c] = 1.0
     labels = torch.tensor([0, 1, 2, 0])  # the last one is predicted 2: 3 of 4 right
     model = _MeanChannel().train()
-    assert accuracy(model, (x, labels), batch_size=3, classifier_size=4) == pytest.approx(0.75)
+    assert accuracy(model, (x, labels), batch_size=3) == pytest.approx(0.75)
     assert set(model.seen_sizes) == {(4, 4)} and model.training  # resized; mode restored
 
 
@@ -202,7 +203,7 @@ def test_tracking_eval_and_resizing():
     x, y = separable(size=12)
     history = train_classifier(
         tiny_net(size=8), (x, y), TrainSection(recipe="hard_label", epochs=3, batch_size=8),
-        classifier_size=8, eval_data=(x, y), track=(x[:5], y[:5]), eval_every=2, progress=False,
+        eval_data=(x, y), track=(x[:5], y[:5]), eval_every=2, progress=False,
     )
     assert history.epochs == 3 and history.test_epochs == [2, 3] and len(history.test_accuracy) == 2
     assert history.confidence.shape == (3, 5)

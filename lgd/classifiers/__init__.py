@@ -10,9 +10,12 @@ Every network takes images in [0, 1] ([B, C, H, W], H = W = image_size) and retu
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 
-from lgd.classifiers.base import ImageClassifier, Stat, instance_norm
+import torch
+
+from lgd.classifiers.base import ImageClassifier, Stat, fit_input, input_statistics, instance_norm
 from lgd.classifiers.convnet import ConvNet
 from lgd.classifiers.resnet import ResNet, resnet18, resnet_ap10
 from lgd.classifiers.torchvision_resnet import resnet18_bn
@@ -59,13 +62,45 @@ def build_classifier(
     return factory(in_channels, num_classes, image_size, **stats, **overrides)
 
 
+@dataclass
+class ClassifierFactory:
+    """Fresh classifiers for one dataset: its channels and classes, the classifiers' input size
+    and statistics (`input_statistics`), and extra constructor arguments (e.g. width for tests)."""
+
+    channels: int
+    num_classes: int
+    image_size: int
+    overrides: dict = field(default_factory=dict)
+
+    def spec(self, network: str, image_size: int | None = None, **overrides) -> dict:
+        """build_classifier's arguments (saved with the weights, so a checkpoint rebuilds itself)."""
+        mean, std = input_statistics(self.channels)
+        return {"name": network, "in_channels": self.channels, "num_classes": self.num_classes,
+                "image_size": image_size or self.image_size, "mean": mean, "std": std,
+                **self.overrides, **overrides}
+
+    def __call__(self, network: str, seed: int, **spec_changes) -> ImageClassifier:
+        """A classifier whose initial weights depend only on `seed` (the global RNG is left as it was)."""
+        return build_seeded(self.spec(network, **spec_changes), seed)
+
+
+def build_seeded(spec: dict, seed: int) -> ImageClassifier:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_classifier(**spec)
+
+
 __all__ = [
+    "ClassifierFactory",
     "CLASSIFIERS",
     "ConvNet",
     "ImageClassifier",
     "ResNet",
     "build_classifier",
+    "build_seeded",
     "canonical_name",
+    "fit_input",
+    "input_statistics",
     "instance_norm",
     "resnet18",
     "resnet_ap10",

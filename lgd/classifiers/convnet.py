@@ -27,7 +27,7 @@ class ConvNet(ImageClassifier):
         mean: Stat = 0.5,
         std: Stat = 0.5,
     ):
-        super().__init__(in_channels, mean, std)
+        super().__init__(in_channels, image_size, mean, std)
         if depth < 1 or width < 1 or image_size < 1:
             raise ConfigError(f"ConvNet needs depth, width and image_size >= 1, got {depth}, {width}, {image_size}")
         layers: list[nn.Module] = []
@@ -42,4 +42,4 @@ class ConvNet(ImageClassifier):
         self.classifier = nn.Linear(width * size * size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)).flatten(1))
+        return self.classifier(self.features(self.prepare(x)).flatten(1))

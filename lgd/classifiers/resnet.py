@@ -68,7 +68,7 @@ class ResNet(ImageClassifier):
         mean: Stat = 0.5,
         std: Stat = 0.5,
     ):
-        super().__init__(in_channels, mean, std)
+        super().__init__(in_channels, image_size, mean, std)
         if width < 1 or image_size < 1:
             raise ConfigError(f"ResNet needs width and image_size >= 1, got {width}, {image_size}")
         self.stem = _stem(in_channels, width, image_size, avg_down)
@@ -87,7 +87,7 @@ class ResNet(ImageClassifier):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stages(self.stem(self.normalize(x)))
+        h = self.stages(self.stem(self.prepare(x)))
         return self.fc(h.mean(dim=(2, 3)))
 
 

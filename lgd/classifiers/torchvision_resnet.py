@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lgd.classifiers.base import ImageClassifier, Stat
+from lgd.classifiers.base import IMAGENET_MEAN, IMAGENET_STD, ImageClassifier, Stat
 from lgd.errors import CheckpointError
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class BasicBlock(nn.Module):
@@ -39,7 +38,7 @@ class BasicBlock(nn.Module):
 class TorchvisionResNet18(ImageClassifier):
     def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: Stat = 0.5,
                  std: Stat = 0.5, width: int = 64):
-        super().__init__(in_channels, mean, std)
+        super().__init__(in_channels, image_size, mean, std)
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
@@ -56,7 +55,7 @@ class TorchvisionResNet18(ImageClassifier):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
+        h = self.maxpool(self.relu(self.bn1(self.conv1(self.prepare(x)))))
         h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
         return self.fc(h.mean(dim=(2, 3)))
 

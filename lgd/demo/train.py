@@ -21,8 +21,10 @@ import torch
 
 from lgd.demo.models import ASSETS, IMAGE_SIZE, NUM_CLASSES, demo_paths
 from lgd.diffusion import Diffusion
+from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.models import DiT, create_dit, load_dit, save_dit
 from lgd.models.vae import LatentCodec, load_vae
+from lgd.seeding import NoiseStream, derive_seed
 
 VAE_CONFIG = dict(
     in_channels=1,
@@ -230,13 +232,11 @@ def train_dit(args: argparse.Namespace) -> None:
 def generate(dit: DiT, codec: LatentCodec, labels: torch.Tensor, cfg_scale: float, steps: int,
              seed: int, batch: int = 250) -> torch.Tensor:
     """Decoded [0, 1] images for `labels`: DDPM with learned variance and CFG on all channels."""
-    diffusion = Diffusion(num_sampling_steps=steps, learn_sigma=dit.config.learn_sigma)
-    generator = torch.Generator().manual_seed(seed)
     shape = (dit.config.in_channels, dit.config.input_size, dit.config.input_size)
+    sampler = Sampler(dit, SamplerSettings(steps=steps, cfg_scale=cfg_scale), shape)
     out = []
-    for y in labels.split(batch):
-        noise = torch.randn((len(y), *shape), generator=generator)
-        z = diffusion.sample(lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale), noise, generator=generator)
+    for start, y in zip(range(0, len(labels), batch), labels.split(batch)):
+        z = sampler.sample(y, NoiseStream([derive_seed(seed, "quality", start + n) for n in range(len(y))]))
         out.append(codec.decode(z).clamp(0, 1))
     return torch.cat(out)
 

@@ -13,7 +13,6 @@ import operator
 from typing import Callable, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 from lgd.diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from lgd.diffusion.schedule import linear_betas, respaced_schedule
@@ -184,29 +183,6 @@ class Diffusion:
         if eta > 0 and (isinstance(i, torch.Tensor) or i > 0):
             x_prev = x_prev + gather(sigma_sq.sqrt(), i, x_t) * _draw_noise(x_t, generator, noise)
         return x_prev, x0_hat
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: torch.Tensor,
-        generator: torch.Generator | None = None,
-        method: str = "ddpm",
-        eta: float = 0.0,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Unguided loop i = N-1 .. 0 from x_T = noise; model_fn(x, t_original [B]) -> output."""
-        if method not in ("ddpm", "ddim"):
-            raise ConfigError(f"sampling method must be 'ddpm' or 'ddim', got {method!r}")
-        x = noise
-        timesteps = self.timesteps.to(x.device)
-        for i in tqdm(range(self.num_sampling_steps - 1, -1, -1), disable=not progress):
-            out = model_fn(x, timesteps[i].expand(x.shape[0]))
-            if method == "ddpm":
-                x, _ = self.ddpm_step(out, x, i, generator=generator)
-            else:
-                x, _ = self.ddim_step(out, x, i, eta=eta, generator=generator)
-        return x
 
     # ---- training ------------------------------------------------------------------------
     def training_losses(

@@ -12,12 +12,10 @@ from lgd.evaluation.analyses import (
 from lgd.evaluation.protocol import (
     SET_ORDER,
     SET_TITLES,
-    ClassifierFactory,
     check_finished,
     evaluate_run,
     load_image_sets,
     load_run_config,
-    resolve_device,
 )
 from lgd.evaluation.report import write_report
 
@@ -25,7 +23,6 @@ __all__ = [
     "ANALYSES",
     "SET_ORDER",
     "SET_TITLES",
-    "ClassifierFactory",
     "analyze_run",
     "check_finished",
     "cartography_regions",
@@ -36,7 +33,6 @@ __all__ = [
     "increment_ids",
     "load_image_sets",
     "load_run_config",
-    "resolve_device",
     "training_dynamics",
     "write_report",
 ]

@@ -31,12 +31,11 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from lgd.classifiers import ClassifierFactory
 from lgd.config import Config, TrainSection
 from lgd.errors import ConfigError
 from lgd.evaluation.protocol import (
     SET_TITLES,
-    ClassifierFactory,
-    classifier_size,
     fingerprint,
     images_per_class,
     load_image_sets,
@@ -64,13 +63,13 @@ def increment_ids(synthetic: SyntheticSet, increment: int) -> torch.Tensor:
     return rank // increment + 1
 
 
-def _percent(model: nn.Module, images, labels, device, size) -> float:
-    return 100 * accuracy(model, (images, labels), device, classifier_size=size)
+def _percent(model: nn.Module, images, labels, device) -> float:
+    return 100 * accuracy(model, (images, labels), device)
 
 
 def cross_increment_matrix(
     images: torch.Tensor, labels: torch.Tensor, increments: torch.Tensor, make_model: ModelFactory,
-    section: TrainSection, *, classifier_size: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
+    section: TrainSection, *, seed: int = 0, device="cpu", progress: bool = True,
 ) -> dict:
     """K x K matrix (rows: trained on, columns: tested on), in percent."""
     ks = sorted(torch.unique(increments).tolist())
@@ -80,10 +79,9 @@ def cross_increment_matrix(
     # One group when the increments are of one size (the usual case), else one training each.
     limit = section.group_size or (len(members) if len(sizes) == 1 else 1)
     for start in tqdm(range(0, len(members), limit), desc="cross-increment", unit="group", disable=not progress):
-        train_classifiers(members[start : start + limit], section, classifier_size=classifier_size, device=device,
-                          progress=progress)
+        train_classifiers(members[start : start + limit], section, device=device, progress=progress)
     tests = [(images[increments == b], labels[increments == b]) for b in ks]
-    matrix = [[_percent(m.model, *test, device, classifier_size) for test in tests] for m in members]
+    matrix = [[_percent(m.model, *test, device) for test in tests] for m in members]
     m = torch.tensor(matrix, dtype=torch.float64)
     off = ~torch.eye(len(ks), dtype=torch.bool)
     return {
@@ -97,7 +95,7 @@ def cross_increment_matrix(
 def training_dynamics(
     images: torch.Tensor, labels: torch.Tensor, increments: torch.Tensor, make_model: ModelFactory,
     section: TrainSection, test_data, *, epochs_per_increment: int, eval_every: int = 1,
-    classifier_size: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
+    seed: int = 0, device="cpu", progress: bool = True,
 ) -> dict:
     """Accuracy (%) and loss per epoch while increments 1, 1-2, 1-3, ... are trained on."""
     ks = sorted(torch.unique(increments).tolist())
@@ -107,7 +105,7 @@ def training_dynamics(
            "accuracy": [], "final_accuracy": []}
     for i, k in enumerate(tqdm(ks, desc="dynamics", unit="increment", disable=not progress)):
         mask = increments <= k
-        history = train_classifier(model, (images[mask], labels[mask]), phase, classifier_size=classifier_size,
+        history = train_classifier(model, (images[mask], labels[mask]), phase,
                                    seed=derive_seed(seed, "dynamics", k), device=device, eval_data=test_data,
                                    eval_every=eval_every, progress=progress)
         out["loss"] += history.loss
@@ -134,13 +132,12 @@ def cartography_shares(regions: list[str]) -> dict[str, float]:
 
 def data_cartography(
     images: torch.Tensor, labels: torch.Tensor, increments: torch.Tensor, make_model: ModelFactory,
-    section: TrainSection, *, classifier_size: int | None = None, seed: int = 0, device="cpu",
-    progress: bool = True,
+    section: TrainSection, *, seed: int = 0, device="cpu", progress: bool = True,
 ) -> dict:
     """Per-sample confidence / variability over training on the whole set, and region shares
     overall and per increment."""
     model = make_model(derive_seed(seed, "cartography"))
-    history = train_classifier(model, (images, labels), section, classifier_size=classifier_size,
+    history = train_classifier(model, (images, labels), section,
                                seed=derive_seed(seed, "cartography"), device=device, track=(images, labels),
                                progress=progress)
     confidence = history.confidence.mean(0)
@@ -258,7 +255,7 @@ def analyze_run(
     network = network or config.eval.networks[0]
     section = dataclasses.replace(config.eval.recipe, epochs=epochs or config.eval.recipe.epochs)
     device = torch.device(device)
-    size = classifier_size(config)
+    size = config.data.classifier_input
     synthetic, skipped = load_image_sets(run, sets or ["lgd", "dit", "igd"])
     if not synthetic:
         raise ConfigError(f"{run} holds none of the image sets {sets or ['lgd', 'dit', 'igd']}: " + "; ".join(skipped.values()))
@@ -281,7 +278,7 @@ def analyze_run(
         factory = ClassifierFactory(s.images.shape[1], num_classes, size, model_overrides or config.eval.recipe.model_overrides())
         make = lambda seed: factory(network, seed)  # noqa: E731
         seed = derive_seed(config.seed, "analysis", name)
-        common = dict(classifier_size=size, seed=seed, device=device, progress=progress)
+        common = dict(seed=seed, device=device, progress=progress)
         done = report["sets"].setdefault(name, {})
         k = len(torch.unique(increments))
         per = dynamics_epochs or max(1, (section.epochs or default_epochs(section.recipe, images_per_class(s.labels))) // k)

@@ -42,7 +42,6 @@ import dataclasses
 import functools
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lgd.classifiers import build_classifier, canonical_name
+from lgd.classifiers import ClassifierFactory, canonical_name
 from lgd.config import Config, load_config
 from lgd.errors import ConfigError, DataError
 from lgd.files import read_json, write_json
@@ -68,19 +67,6 @@ log = logging.getLogger(__name__)
 
 SET_ORDER = ("random", "dit", "igd", "lgd")  # report column order
 SET_TITLES = {"random": "Random", "dit": "DiT", "igd": "IGD", "lgd": "LGD"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} requested but CUDA is not available")
-    return device
 
 
 def load_run_config(run: str | Path, overrides: list[str] | None = None) -> Config:
@@ -99,28 +85,6 @@ def load_run_config(run: str | Path, overrides: list[str] | None = None) -> Conf
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run} is not a run directory (lgd distill writes config.yaml first)")
     return load_config(path, ["model.dit=demo", "model.vae=demo", *(overrides or [])])
-
-
-def classifier_size(config: Config) -> int:
-    return config.data.classifier_size or config.data.image_size
-
-
-@dataclass
-class ClassifierFactory:
-    """Builds fresh classifiers for a dataset: channels, classes, input size and the input
-    statistics (ImageNet mean/std for colour images, 0.5/0.5 otherwise)."""
-
-    channels: int
-    num_classes: int
-    image_size: int
-    overrides: dict = field(default_factory=dict)  # extra constructor arguments (e.g. width for tests)
-
-    def __call__(self, network: str, seed: int) -> nn.Module:
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else (0.5, 0.5)
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-            torch.manual_seed(seed)
-            return build_classifier(network, self.channels, self.num_classes, self.image_size, mean, std,
-                                    **self.overrides)
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -341,7 +305,7 @@ def evaluate_run(
     section = dataclasses.replace(config.eval.recipe, epochs=epochs or config.eval.recipe.epochs)
     names = wanted_sets(config, sets)
     device = torch.device(device)
-    size = classifier_size(config)
+    size = config.data.classifier_input
 
     synthetic, skipped = load_image_sets(run, [n for n in names if n != "random"])
     for name, reason in skipped.items() if writer else ():
@@ -430,10 +394,10 @@ def evaluate_run(
         bar.set_postfix_str(f"{network} " + ", ".join(f"{SET_TITLES[n]} run {r + 1}/{runs}" for _, n, r in group))
         members = [Member(factory(network, signatures[job]["seed"]), images_of(job[1], job[2]), signatures[job]["seed"])
                    for job in group]
-        histories = train_classifiers(members, section, classifier_size=size, device=device, progress=progress,
+        histories = train_classifiers(members, section, device=device, progress=progress,
                                       runtime=runtime if together else None, teacher=teacher,
                                       eval_data=test if periodic else None, eval_every=eval_every or 1)
-        scored = accuracies([m.model for m in members], test, device, classifier_size=size)
+        scored = accuracies([m.model for m in members], test, device)
         out = []
         for job, last, history in zip(group, scored, histories):
             record = {"accuracy": 100 * last}

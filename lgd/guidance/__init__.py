@@ -1,7 +1,8 @@
-"""Guidance for the sampling loop: learnability (LGD), influence (IGD) and deviation."""
+"""Guidance for the sampling loop: learnability (LGD), influence (IGD) and deviation, built from
+the config by `lgd.guidance.factory.guidance_factory`."""
 from lgd.guidance.deviation import ClassMemory, Deviation
 from lgd.guidance.influence import InfluenceGuidance, InfluenceLoss, class_mean_gradients, select_checkpoints
-from lgd.guidance.learnability import LearnabilityGuidance, learnability, top1_per_group
+from lgd.guidance.learnability import LearnabilityGuidance, learnability
 
 __all__ = [
     "ClassMemory",
@@ -12,5 +13,4 @@ __all__ = [
     "Deviation",
     "learnability",
     "select_checkpoints",
-    "top1_per_group",
 ]

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from lgd.diffusion import DeviceTable
+from lgd.classifiers.base import fit_input
+
+from lgd.guidance.common import WindowedGuidance
 from lgd.guidance.deviation import Deviation
-from lgd.guidance.common import NonFinite, to_classifier_input
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class InfluenceLoss:
     def batched(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample L_inf [B]; per-sample parameter gradients by vmap(grad)."""
         per_sample_grad = vmap(grad(self._ce), in_dims=(None, 0, 0))
+        images = fit_input(self.model, images)  # the surrogate's own resize, outside vmap
         losses = []
         for params, target in zip(self.checkpoints, self.targets):
             grads = per_sample_grad(params, images, labels)
@@ -124,15 +126,15 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).pow(2).mean(dim=1).sqrt()
 
 
-class InfluenceGuidance:
+class InfluenceGuidance(WindowedGuidance):
     """x_{t-1} -= k * rho_t * grad_{x_t} L_inf, rho_t = sqrt(1-abar) * rho_scale * rms(eps)/rms(grad);
     then deviation from the class memory. `reference=True` selects the one-image,
     one-backward-per-checkpoint path.
 
     decode_rows: "conditional" puts the decoded Tweedie estimate of each sample into L_inf;
     "both" (the official IGD sampler) also that of its null-class CFG row (the sampler carries
-    it, lgd.sampling), both labelled with the sample's class, and differentiates the sum w.r.t.
-    the conditional row only."""
+    it, lgd.diffusion.sampler), both labelled with the sample's class, and differentiates the
+    sum w.r.t. the conditional row only."""
 
     def __init__(
         self,
@@ -144,27 +146,20 @@ class InfluenceGuidance:
         rho_scale: float,
         window: tuple[int, int],
         deviation: Deviation,
-        classifier_size: int | None = None,
         reference: bool = False,
         decode_rows: str = "conditional",
     ):
         if decode_rows not in ("conditional", "both"):
             raise ValueError(f"decode_rows must be conditional or both, got {decode_rows!r}")
+        super().__init__(alphas_cumprod, window, deviation, "influence gradient")
         self.null_rows = decode_rows == "both"
         self.codec, self.loss = codec, loss
-        self.alphas_cumprod = DeviceTable(alphas_cumprod)
         self.k, self.rho_scale = k, rho_scale
-        self.window, self.deviation = window, deviation
-        self.classifier_size = classifier_size
         self.reference = reference
-        self.nonfinite = NonFinite("influence gradient")
-
-    def active(self, i: int) -> bool:
-        return self.window[0] <= i <= self.window[1]
 
     def gradient(self, x_t: torch.Tensor, x0_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """d L_inf / d x_t; x0_hat has one row per sample, or two (conditional rows, then null rows)."""
-        images = to_classifier_input(self.codec.decode(x0_hat), self.classifier_size)
+        images = self.codec.decode(x0_hat)
         labels = labels.repeat(len(x0_hat) // len(x_t))
         if not self.reference:
             if self.loss.compiled:  # the compiled double backward gives dL/d images; one backward to x_t
@@ -180,9 +175,7 @@ class InfluenceGuidance:
             total += torch.autograd.grad(loss / len(losses), x_t, retain_graph=e + 1 < len(losses))[0]
         return total
 
-    def __call__(self, x_t, i, eps, x0_hat, labels):
-        g = self.nonfinite.clean(self.gradient(x_t, x0_hat, labels))
-        shape = (-1,) + (1,) * (g.dim() - 1)
-        alpha_bar = self.alphas_cumprod.at(i, g)
-        rho = (1 - alpha_bar).sqrt() * self.rho_scale * rms(eps.detach()) / rms(g).clamp_min(1e-12)
-        return -self.k * rho.view(shape) * g + self.deviation(x_t, labels)
+    def step_size(self, alpha_bar, eps, grad):
+        shape = (-1,) + (1,) * (grad.dim() - 1)
+        rho = (1 - alpha_bar).sqrt() * self.rho_scale * rms(eps.detach()) / rms(grad).clamp_min(1e-12)
+        return -self.k * rho.view(shape)

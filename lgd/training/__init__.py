@@ -9,7 +9,7 @@ from lgd.training.augment import (
     pca_lighting,
     random_resized_crop,
 )
-from lgd.training.recipes import RECIPES, TrainHistory, default_epochs, fit_size, lr_milestones
+from lgd.training.recipes import RECIPES, TrainHistory, default_epochs, lr_milestones
 from lgd.training.trainer import (
     Member,
     accuracies,
@@ -30,7 +30,6 @@ __all__ = [
     "cutmix",
     "default_epochs",
     "dsa_augment",
-    "fit_size",
     "hard_label_augment",
     "lr_milestones",
     "mixed_cross_entropy",

@@ -41,7 +41,8 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 from tqdm.auto import tqdm
 
-from lgd.training.recipes import Source, TrainHistory, augmenter, fit_size, lr_milestones, recipe_loss
+from lgd.classifiers.base import fit_input
+from lgd.training.recipes import Source, TrainHistory, augmenter, lr_milestones, recipe_loss
 
 STACKINGS = ("auto", "vmap", "loop")
 
@@ -275,7 +276,7 @@ def _sgd_step(gradient: Callable, update: Callable, state: _State, x: torch.Tens
     return loss
 
 
-def _score(forward: Callable, states: list[_State], data, device: torch.device, classifier_size: int | None,
+def _score(forward: Callable, fit: Callable, states: list[_State], data, device: torch.device,
            chunk: int | None, layout: torch.memory_format, what: str) -> list[torch.Tensor]:
     """Per state (a stack counts as one, scored for all its members at once) and under
     inference_mode, without a host sync: what="accuracy" the [members] top-1 on `data`,
@@ -286,7 +287,7 @@ def _score(forward: Callable, states: list[_State], data, device: torch.device, 
     count = 0
     with torch.inference_mode():
         for x, y in source.batches(256):
-            x = _canonical(fit_size(x, classifier_size), layout)
+            x = _canonical(fit(x), layout)
             for part in _chunks(len(y), chunk):
                 for i, state in enumerate(states):
                     logits = forward(state.params, state.buffers, x[part])
@@ -301,7 +302,7 @@ def _score(forward: Callable, states: list[_State], data, device: torch.device, 
     return [torch.cat(p, -1) for p in probs]
 
 
-def train_group(members, sources, section, *, epochs: int, batch_size: int, classifier_size: int | None,
+def train_group(members, sources, section, *, epochs: int, batch_size: int,
                 device: torch.device, eval_data, eval_every: int, progress: bool) -> list[TrainHistory]:
     """The fast engine's loop over a group of members (lgd.training.trainer.Member) with equal
     architecture and data size; called by lgd.training.train_classifiers."""
@@ -318,6 +319,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
     milestones, factor = lr_milestones(section.recipe, epochs)
     generators = [torch.Generator().manual_seed(m.seed) for m in members]  # CPU, as the reference loop
     augments = [augmenter(section.recipe, model, g) for model, g in zip(models, generators)]
+    fit = lambda x: fit_input(models[0], x)  # one architecture, one input size
     states = [_State.of(model) for model in models]
     group = _State.stack(states) if stacked else None
     tracked = [Source(m.track, device) if m.track is not None else None for m in members]
@@ -344,7 +346,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
             for batch in zip(*(s.batches(batch_size, g) for s, g in zip(sources, generators))):
                 views, targets = [], []
                 for (x, y), augment in zip(batch, augments):
-                    x, t = augment(fit_size(x, classifier_size), y)
+                    x, t = augment(fit(x), y)
                     views.append(_canonical(x, layout))
                     targets.append(t)
                 b = len(batch[0][1])
@@ -371,21 +373,20 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int, clas
                 sync_models()
             if score:  # kept on the device: the curves cost no host round trip until training ends
                 if section.compile:
-                    scored.append(torch.stack(_score(forward, [group] if stacked else states, eval_data, device,
-                                                     classifier_size, chunk, layout, "accuracy")).flatten())
+                    scored.append(torch.stack(_score(forward, fit, [group] if stacked else states, eval_data,
+                                                     device, chunk, layout, "accuracy")).flatten())
                 else:
-                    scored.append(accuracies(models, eval_data, device, classifier_size=classifier_size, on_device=True))
+                    scored.append(accuracies(models, eval_data, device, on_device=True))
                 for h in histories:
                     h.test_epochs.append(epoch)
             for i, source in enumerate(tracked):
                 if source is None:
                     continue
                 if section.compile and not stacked:
-                    confidences[i].append(_score(forward, [states[i]], source, device, classifier_size, chunk, layout,
+                    confidences[i].append(_score(forward, fit, [states[i]], source, device, chunk, layout,
                                                  "probability")[0])
                 else:
-                    confidences[i].append(true_class_probability(models[i], source, device, on_device=True,
-                                                                 classifier_size=classifier_size))
+                    confidences[i].append(true_class_probability(models[i], source, device, on_device=True))
             for m in members:
                 if m.on_epoch is not None:
                     m.on_epoch(epoch, m.model)

@@ -134,13 +134,6 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
-def fit_size(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Resize a batch to size x size (antialiased bilinear) if it is not that size already."""
-    if size is None or tuple(x.shape[-2:]) == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-
-
 def _normalisation(model: nn.Module) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """The classifier's input mean/std (buffers of lgd classifiers), 0.5/0.5 otherwise."""
     mean, std = getattr(model, "mean", None), getattr(model, "std", None)

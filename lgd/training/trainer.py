@@ -26,11 +26,12 @@ Recipes (TrainSection.recipe; constants and schedules in lgd.training.recipes):
   no T^2 factor. AdamW(lr, betas (0.9, 0.999), weight_decay; none on parameters of dim <= 1),
   LR lr * 0.5 * (1 + cos(pi * e / E / 2)) in epoch e = 0..E-1 (a quarter cosine ending near
   0.5x), batch size from the section, 300 epochs unless the section says otherwise. The
-  teacher sees what the student sees ([0, 1] images at classifier_size; lgd classifiers
-  normalise their own input); it is moved to the device, its weights are left untouched and
+  teacher sees what the student sees (the augmented [0, 1] images; lgd classifiers fit
+  them to their own size and statistics); it is moved to the device, its weights are left untouched and
   its training flag is restored.
 
-Images are resized (antialiased bilinear) to `classifier_size` when it differs from theirs.
+Each model fits its input to its own size (`ImageClassifier.fit_input`, antialiased bilinear)
+before augmentation, so a training image is augmented at the size the network sees.
 Data order and augmentation parameters come from one CPU torch.Generator seeded with `seed`:
 the same seed and the same initial weights give the same run (bit-identical on CPU; on GPU
 up to cuDNN's own non-determinism).
@@ -56,6 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lgd.classifiers.base import fit_input
 from lgd.config import TrainSection
 from lgd.errors import ConfigError, DataError, LgdError
 from lgd.training.recipes import (
@@ -66,7 +68,6 @@ from lgd.training.recipes import (
     TrainHistory,
     augmenter,
     default_epochs,
-    fit_size,
     lr_milestones,
     recipe_loss,
     soft_label_loss,
@@ -80,7 +81,7 @@ log = logging.getLogger(__name__)
 _SOFT_LABEL_NOTED = False  # the soft_label engine note is logged once per process
 
 
-def _loss_fn(recipe: str, model: nn.Module, size: int | None, generator: torch.Generator,
+def _loss_fn(recipe: str, model: nn.Module, generator: torch.Generator,
              forward: nn.Module | None = None, rank: int = 0, world: int = 1, *,
              teacher: nn.Module | None = None, temperature: float = 1.0) -> Callable:
     """(images, labels) -> loss with the recipe's augmentation.
@@ -104,7 +105,7 @@ def _loss_fn(recipe: str, model: nn.Module, size: int | None, generator: torch.G
         return soft_label_loss(logits, soft, temperature)
 
     def loss(x, y):
-        x, targets = augment(fit_size(x, size), y)
+        x, targets = augment(fit_input(model, x), y)
         if world == 1:
             return objective(forward(x), x, targets)
         b = len(y)
@@ -155,7 +156,6 @@ def train_classifier(
     section: TrainSection,
     *,
     ipc: int | None = None,
-    classifier_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     on_epoch: Callable[[int, nn.Module], None] | None = None,
@@ -178,7 +178,7 @@ def train_classifier(
     Otherwise the runtime is ignored and this process trains alone.
     """
     member = Member(model, data, seed, on_epoch=on_epoch, track=track)
-    return train_classifiers([member], section, ipc=ipc, classifier_size=classifier_size, device=device,
+    return train_classifiers([member], section, ipc=ipc, device=device,
                              eval_data=eval_data, eval_every=eval_every, progress=progress, runtime=runtime,
                              teacher=teacher)[0]
 
@@ -200,7 +200,6 @@ def train_classifiers(
     section: TrainSection,
     *,
     ipc: int | None = None,
-    classifier_size: int | None = None,
     device: str | torch.device = "cpu",
     eval_data: Data | None = None,
     eval_every: int = 1,
@@ -256,7 +255,7 @@ def train_classifiers(
         teacher.eval()
         try:
             return [_train_reference(m, source, section, epochs=epochs, batch_size=batch_size,
-                                     classifier_size=classifier_size, device=device, eval_data=eval_data,
+                                     device=device, eval_data=eval_data,
                                      eval_every=eval_every, progress=progress, runtime=runtime, teacher=teacher)
                     for m, source in zip(members, sources)]
         finally:
@@ -265,16 +264,16 @@ def train_classifiers(
         from lgd.training.fast import train_group
 
         return train_group(members, sources, section, epochs=epochs, batch_size=batch_size,
-                           classifier_size=classifier_size, device=device, eval_data=eval_data,
+                           device=device, eval_data=eval_data,
                            eval_every=eval_every, progress=progress)
     return [_train_reference(m, source, section, epochs=epochs, batch_size=batch_size,
-                             classifier_size=classifier_size, device=device, eval_data=eval_data,
+                             device=device, eval_data=eval_data,
                              eval_every=eval_every, progress=progress, runtime=runtime)
             for m, source in zip(members, sources)]
 
 
 def _train_reference(member: Member, source: Source, section: TrainSection, *, epochs: int, batch_size: int,
-                     classifier_size: int | None, device: torch.device, eval_data: Data | None, eval_every: int,
+                     device: torch.device, eval_data: Data | None, eval_every: int,
                      progress: bool, runtime: Runtime | None, teacher: nn.Module | None = None) -> TrainHistory:
     """The reference loop: plain eager nn.Module training with torch.optim (`teacher`, in
     eval mode: soft_label's)."""
@@ -289,7 +288,7 @@ def _train_reference(member: Member, source: Source, section: TrainSection, *, e
         forward, rank, world = DistributedDataParallel(model), runtime.rank, runtime.world
     else:
         forward, rank, world = model, 0, 1
-    loss_fn = _loss_fn(section.recipe, model, classifier_size, generator, forward, rank, world,
+    loss_fn = _loss_fn(section.recipe, model, generator, forward, rank, world,
                        teacher=teacher, temperature=section.temperature)
     tracked = Source(member.track, device) if member.track is not None else None
     confidences = []
@@ -315,9 +314,9 @@ def _train_reference(member: Member, source: Source, section: TrainSection, *, e
         history.loss.append(float(total) / count)  # one host sync per epoch
         if eval_data is not None and (epoch % eval_every == 0 or epoch == epochs):
             history.test_epochs.append(epoch)
-            history.test_accuracy.append(accuracy(model, eval_data, device, classifier_size=classifier_size))
+            history.test_accuracy.append(accuracy(model, eval_data, device))
         if tracked is not None:
-            confidences.append(true_class_probability(model, tracked, device, classifier_size=classifier_size))
+            confidences.append(true_class_probability(model, tracked, device))
         if on_epoch is not None:
             on_epoch(epoch, model)
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
@@ -330,14 +329,14 @@ def _train_reference(member: Member, source: Source, section: TrainSection, *, e
 
 
 @torch.inference_mode()
-def _logits(model: nn.Module, data, device, batch_size: int, classifier_size: int | None):
+def _logits(model: nn.Module, data, device, batch_size: int):
     """(logits, labels) over the whole set, eval mode, no augmentation; restores the mode."""
     device = torch.device(device)
     source = data if isinstance(data, Source) else Source(data, device)
     was_training = model.training
     model.eval()
     try:
-        outs = [(model(fit_size(x, classifier_size)), y) for x, y in source.batches(batch_size)]
+        outs = [(model(x), y) for x, y in source.batches(batch_size)]
     finally:
         model.train(was_training)
     if not outs:
@@ -345,25 +344,24 @@ def _logits(model: nn.Module, data, device, batch_size: int, classifier_size: in
     return torch.cat([o for o, _ in outs]), torch.cat([y for _, y in outs])
 
 
-def accuracy(model: nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 256, *,
-             classifier_size: int | None = None) -> float:
-    """Top-1 accuracy in [0, 1] (eval mode, no augmentation, images resized to classifier_size)."""
-    logits, labels = _logits(model, data, device, batch_size, classifier_size)
+def accuracy(model: nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 256) -> float:
+    """Top-1 accuracy in [0, 1] (eval mode, no augmentation; the model fits the input size)."""
+    logits, labels = _logits(model, data, device, batch_size)
     return float((logits.argmax(1) == labels).float().mean())
 
 
 def true_class_probability(model: nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 256, *,
-                           classifier_size: int | None = None, on_device: bool = False) -> torch.Tensor:
+                           on_device: bool = False) -> torch.Tensor:
     """Softmax probability of each sample's own label, [N] on the CPU (on_device: left on the
     device, no host sync)."""
-    logits, labels = _logits(model, data, device, batch_size, classifier_size)
+    logits, labels = _logits(model, data, device, batch_size)
     p = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
     return p if on_device else p.cpu()
 
 
 @torch.inference_mode()
 def accuracies(models: list[nn.Module], data: Data, device: str | torch.device = "cpu", batch_size: int = 256, *,
-               classifier_size: int | None = None, on_device: bool = False) -> list[float] | torch.Tensor:
+               on_device: bool = False) -> list[float] | torch.Tensor:
     """Top-1 of each model on the same set, in one pass over it (each batch is loaded and
     resized once for all models). A list after one host sync, or with on_device the [M]
     tensor on the device and no sync at all."""
@@ -375,7 +373,7 @@ def accuracies(models: list[nn.Module], data: Data, device: str | torch.device =
         for m in models:
             m.eval()
         for x, y in source.batches(batch_size):
-            x = fit_size(x, classifier_size)
+            x = fit_input(models[0], x)  # resized once for all models
             correct += torch.stack([(m(x).argmax(1) == y).sum() for m in models])
             count += len(y)
     finally:

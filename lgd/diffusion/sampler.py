@@ -1,4 +1,4 @@
-"""The class-conditional sampling loop shared by unguided, IGD and LGD sampling.
+"""The class-conditional sampling loop: the one loop of unguided, IGD and LGD sampling.
 
 One loop, i = N-1 .. 0: model output with classifier-free guidance, a DDPM (or DDIM) step,
 and, inside a guidance window, a correction computed from gradients w.r.t. x_t. Autograd
@@ -16,7 +16,8 @@ from typing import Protocol
 
 import torch
 
-from lgd.diffusion import DeviceTable, Diffusion
+from lgd.diffusion.gaussian import Diffusion
+from lgd.diffusion.schedule import DeviceTable
 from lgd.errors import ConfigError
 from lgd.seeding import NoiseStream
 
