@@ -152,7 +152,7 @@ import torch._dynamo  # noqa: E402
 from torch import nn  # noqa: E402
 
 from _measure import count_flops  # noqa: E402
-from make_table import fmt, table  # noqa: E402  (stdlib only)
+from render import fmt, table  # noqa: E402  (stdlib only)
 
 from lgd.acceleration import _autocast_fp32_out, apply_speedups, tf32  # noqa: E402
 from lgd.classifiers import build_classifier  # noqa: E402
@@ -1150,7 +1150,7 @@ def generated_images(c: Config, ipc: int) -> dict[str, dict[str, int]]:
 
 def sampling_counts(c: Config, ipc: int) -> dict[str, dict[str, int]]:
     """Candidate-steps of each kind for the stages and the baselines, the count of
-    make_table.projection_section (which leaves the baselines out): every LGD candidate takes
+    projection.sampling (which leaves the baselines out): every LGD candidate takes
     the LGD window's guided steps, the rest unguided, and a final decode + rank score; IGD
     images likewise in the IGD window, then a decode; DiT images are never guided."""
     n = c.sampling.steps
@@ -1166,7 +1166,7 @@ def sampling_counts(c: Config, ipc: int) -> dict[str, dict[str, int]]:
 
 def training_image_steps(c: Config, ipc: int) -> dict[str, dict[str, float]]:
     """Training images through forward + backward of every classifier training of the run, by
-    phase and network: make_table.training_projection's count, except that the reference model
+    phase and network: projection.whole_run's count, except that the reference model
     is counted only where the pipeline trains it, when there are LGD stages (IPC > increment)."""
     epochs = lambda n_ipc: default_epochs("hard_label", n_ipc)
     inc = c.stages.increment
@@ -1447,7 +1447,7 @@ def render_projection(result: dict) -> list[str]:
              fmt(r["training_h"]["alone"]), fmt(r["training_h"]["grouped"]), fmt(r["total_h"])] for r in result["rows"]]
     lines += table(["IPC", "sampling h (stages)", "sampling h (DiT, IGD baselines)", "training h (one at a time)",
                     "training h (groups)", "total h (groups)"], rows)
-    lines += ["Counts as in benchmarks/make_table.py (projection_section, training_projection); rates measured above:", ""]
+    lines += ["Counts as in benchmarks/projection.py (sampling, whole_run); rates measured above:", ""]
     for key, value in result["inputs"].items():
         unit = "s per candidate" if key.endswith(("step", "decode", "score")) else "images/s per model"
         lines.append(f"- {key}: {fmt(value['value'])} {unit} ({value['source']})")

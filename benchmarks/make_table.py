@@ -1,614 +1,204 @@
 """Write BENCHMARKS.md from one or more pytest-benchmark JSON files.
 
-    python benchmarks/make_table.py bench.json [more.json ...] [-o BENCHMARKS.md]
+    python benchmarks/make_table.py bench.json [more.json ...] [-o BENCHMARKS.md] [--update]
 
-Sections: machine and versions; the fp32 matmul ceiling; per benchmark group a table of
-images/s, the fast/reference ratio, FLOP/s and % of the ceiling; peak memory; the top ops of
-the profiled fast steps; the goals; a projection of a full ImageNette IPC-100 run on one H100
-from the FLOP counts. Groups this script does not know get a plain timing table.
-Reads only the JSON (no torch), so it runs anywhere.
+Sections: machine and versions; the goals; the fp32 matmul ceiling; per benchmark group a table
+of images/s, the fast/reference ratio, FLOP/s and % of the ceiling; peak memory; the top ops of
+the profiled fast steps; a projection of a full ImageNette run on one H100 from the FLOP counts.
+Groups this script does not know get a plain timing table. records.py reads the JSON,
+projection.py computes, render.py draws the tables, and the prose is
+BENCHMARKS.template.md's: this file fills the template's blocks. No torch: it runs anywhere.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
-from collections import defaultdict
 from pathlib import Path
 
+import projection
+from records import Record, Run, by_kernel, grouped, load, provider
+from render import blocks, fill, fmt, records_table, table
+
 MiB = 2**20
-# docs/engineering.md: used when the meta-device counts (bench_projection.py) are missing.
-DIT_XL_FORWARD = 2 * 118.6e9  # FLOPs per image at 256 px
-SD_VAE_DECODE = 2 * 311e9
-H100_BF16 = 989e12  # dense FLOP/s
-H100_FP32, H100_TF32 = 67e12, 495e12
-UTILISATION = 0.40  # assumed share of the bf16 peak that the DiT GEMMs and VAE convs reach
-IPC, CLASSES = 100, 10
-GOALS = {"lgd": 5.0, "igd": 10.0}  # fast/reference images/s at the demo config
-CEILING_GOAL = 0.50  # fast guided step FLOP/s / fp32 matmul ceiling at DiT-B/2
-OP_GOAL = 3.0  # the C++ learnability op vs the torch composition at N=3000, C=1000
-
-
-def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
-    runs, benchmarks = [], []
-    for path in paths:
-        data = json.loads(path.read_text())
-        runs.append({"file": str(path), "datetime": data.get("datetime"), "version": data.get("version"),
-                     "machine": data.get("machine_info", {})})
-        benchmarks += data.get("benchmarks", [])
-    return runs, benchmarks
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if x == 0:
-        return "0"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
-
-
-def table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
-
-
-def ips(b: dict, stat: str = "median") -> float:
-    if "images_per_call" in b["extra_info"]:
-        return b["extra_info"]["images_per_call"] / b["stats"][stat]
-    return b["extra_info"]["images"] / b["stats"][stat]
-
-
-def by_kernel(benchmarks: list[dict], kernel: str) -> list[dict]:
-    return [b for b in benchmarks if b.get("extra_info", {}).get("kernel") == kernel]
-
-
-def threads(b: dict) -> int | None:
-    return b.get("extra_info", {}).get("threads")
-
-
-def grouped(benchmarks: list[dict]) -> dict[str, list[dict]]:
-    """Benchmarks by group; the thread count joins the name when the files hold several."""
-    mixed = len({threads(b) for b in benchmarks}) > 1
-    groups = defaultdict(list)
-    for b in benchmarks:
-        name = b["group"] or b["name"]
-        groups[f"{name} | {threads(b)} thread(s)" if mixed else name].append(b)
-    return groups
-
-
-def provider(group: list[dict], name: str) -> dict | None:
-    return next((b for b in group if b["extra_info"].get("provider") == name), None)
-
-
-def pair(group: list[dict]) -> tuple[dict | None, dict | None]:
-    return provider(group, "fast"), provider(group, "reference")
-
-
-def vs_reference(b: dict, group: list[dict]) -> str:
-    """images/s of a batched provider over the reference's, bold, or "" for the reference."""
-    ref = provider(group, "reference")
-    if b is ref or ref is None:
-        return ""
-    return f"**{ips(b) / ips(ref):.2f}x**"
-
-
-def first_call(b: dict) -> str:
-    s = b["extra_info"].get("first_call_s")
-    return fmt(s) if s is not None else "-"
-
-
+TEMPLATE = blocks(Path(__file__).with_name("BENCHMARKS.template.md").read_text())
+GPU_MEMORY_TITLE = TEMPLATE["gpu_memory"].splitlines()[0]
+KNOWN = {"mm", "guided_step", "guided_sampling", "guided_step_memory", "flop_count", "training", "training_flop_count",
+         "memory_count"}
 ORDER = {"fast": 0, "compiled": 1, "influence-free": 2, "reference": 3}
 
 
-def by_provider(group: list[dict]) -> list[dict]:
-    return sorted(group, key=lambda b: ORDER.get(b["extra_info"]["provider"], 3))
+def by_provider(group: list[Record]) -> list[Record]:
+    return sorted(group, key=lambda r: ORDER.get(r.provider, 3))
+
+
+def vs_reference(r: Record, group: list[Record]) -> str:
+    """images/s of a batched provider over the reference's, bold, or "" for the reference."""
+    ref = provider(group, "reference")
+    if r is ref or ref is None:
+        return ""
+    return f"**{r.ips() / ref.ips():.2f}x**"
+
+
+def groups(block: str, records: list[Record], fields) -> str:
+    """`block` filled once per group of `records`, with fields(name, group)."""
+    return "\n\n".join(fill(TEMPLATE[block], **fields(name, group)) for name, group in grouped(records).items())
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections
+# Sections: the text of one "## " section, or None where the records have nothing for it
 
 
-def machine_section(runs: list[dict], benchmarks: list[dict]) -> list[str]:
-    m = runs[0]["machine"]
+def machine_section(runs: list[Run], records: list[Record]) -> str:
+    m = runs[0].machine
     cpu = m.get("cpu", {})
-    info = [b["extra_info"] for b in benchmarks if "load_1min" in b.get("extra_info", {})]
-    first = info[0] if info else {}
-    loads = [i["load_1min"] for i in info if "load_1min" in i]
+    info = [r for r in records if "load_1min" in r.host]
+    host, versions = (info[0].host, info[0].versions) if info else ({}, {})
+    loads = [r.host["load_1min"] for r in info]
     hz = (cpu.get("hz_actual") or [0])[0]
-    cores = first.get("cores") or cpu.get("count")
-    lines = ["## Machine", ""]
-    lines.append(f"- CPU: {first.get('cpu') or cpu.get('brand_raw', '?')}, {cores} cores"
-                 + (f" at {hz / 1e9:.2f} GHz" if hz else "") + f", {m.get('system', '')} {m.get('release', '')}")
-    if hz and cores:
-        lines.append(f"- Nominal fp32 peak {cores * hz * 32 / 1e9:.0f} GFLOP/s at the listed clock (cores x clock x "
-                     "32 FLOP/cycle: two 256-bit FMA pipes per core, AVX2, no AVX-512); boost clocks run higher, "
-                     "so the measured matmul rate below can exceed it")
-    counts = " and ".join(str(t) for t in sorted({i["threads"] for i in info})) or "?"
-    lines.append(f"- Threads: {counts} intra-op (torch.set_num_threads; LGD_BENCH_THREADS), "
-                 f"{first.get('interop_threads', '?')} inter-op; fp32 everywhere; learnability op: "
-                 f"{first.get('learnability_op', '?')}")
-    lines.append(f"- Versions: Python {m.get('python_version', '?')}, torch {first.get('torch', '?')}, diffusers "
-                 f"{first.get('diffusers', '?')}, pytest-benchmark {runs[0]['version']}")
-    lines.append("- Run: " + ", ".join(f"{r['datetime']} ({r['file']})" for r in runs))
-    if loads:
-        lines.append(f"- 1-minute load average at the start of each benchmark: {min(loads):.1f} .. {max(loads):.1f} "
-                     f"(median {statistics.median(loads):.1f}) on {cores} cores")
-    lines += ["", "The machine is shared with other developers: a load above "
-              f"{cores} means other processes took CPU time from these runs. With 2 threads that costs more than "
-              "the lost share: every parallel op waits at its OpenMP barrier for a thread that is not "
-              "scheduled, so small ops (the demo's elementwise work, the reference path's batch-1 ops) "
-              "can take milliseconds instead of microseconds. Times are noisy (often by 2x or more) and "
-              "fast/reference ratios measured minutes apart inherit that noise; a 1-thread run, where "
-              "present, is the control that does not suffer from barrier waits. images/s use the median "
-              "round; FLOP/s and the matmul ceiling use the best round (the least disturbed) on both sides.", ""]
-    return lines
+    cores = host.get("cores") or cpu.get("count")
+    return fill(TEMPLATE["machine"], cpu=host.get("cpu") or cpu.get("brand_raw", "?"), cores=cores,
+                clock=f" at {hz / 1e9:.2f} GHz" if hz else "", system=m.get("system", ""),
+                release=m.get("release", ""), peak=cores * hz * 32 / 1e9 if hz and cores else None,
+                threads=" and ".join(str(t) for t in sorted({r.threads for r in info})) or "?",
+                interop=host.get("interop_threads", "?"), op=host.get("learnability_op", "?"),
+                python=m.get("python_version", "?"), torch=versions.get("torch", "?"),
+                diffusers=versions.get("diffusers", "?"), pytest_benchmark=runs[0].version,
+                runs=", ".join(f"{r.datetime} ({r.file})" for r in runs),
+                load_min=min(loads) if loads else None, load_max=max(loads) if loads else None,
+                load_median=statistics.median(loads) if loads else None)
 
 
-def ceilings(benchmarks: list[dict]) -> dict[int, float]:
-    """Thread count -> the best fp32 matmul FLOP/s measured with that many threads."""
-    best: dict[int, float] = {}
-    for b in by_kernel(benchmarks, "mm"):
-        rate = b["extra_info"]["flops"]["total"] / b["stats"]["min"]
-        best[threads(b)] = max(rate, best.get(threads(b), 0.0))
-    return best
+def goals_section(records: list[Record], tops: dict[int, float]) -> str | None:
+    goals = projection.goals(records, tops)
+    if not goals:
+        return None
+    rows = [[g.what, g.threads, f"{100 * g.measured:.1f} %" if g.share else f"{g.measured:.2f}x",
+             "yes" if g.met else "**no**"] for g in goals]
+    items = [fill(TEMPLATE["goals.efficiency.item"], path=e.path.upper(), batch=e.batch, fast=e.per_image[0] / 1e9,
+                  reference=e.per_image[1] / 1e9, fast_rate=e.rate[0] / 1e9, reference_rate=e.rate[1] / 1e9,
+                  ceiling=f" ({100 * e.rate[0] / e.top:.0f} % of the matmul ceiling)" if e.top else "")
+             for e in projection.demo_efficiency(records, tops)]
+    return fill(TEMPLATE["goals"], table=table(["goal", "threads", "measured", "met"], rows),
+                bound=igd_bound(records, tops),
+                efficiency=fill(TEMPLATE["goals.efficiency"], items="\n".join(items)) if items else None)
 
 
-def matmul_section(benchmarks: list[dict]) -> list[str]:
-    rows = []
-    for b in sorted(by_kernel(benchmarks, "mm"), key=lambda b: (threads(b), b["extra_info"]["n"])):
-        flops = b["extra_info"]["flops"]["total"]
-        rows.append([threads(b), f"{b['extra_info']['n']}^2", b["stats"]["rounds"],
-                     fmt(flops / b["stats"]["min"] / 1e9), fmt(flops / b["stats"]["median"] / 1e9)])
-    if not rows:
-        return []
-    used = ", ".join(f"{t} thread(s): **{rate / 1e9:.1f} GFLOP/s**" for t, rate in sorted(ceilings(benchmarks).items()))
-    return (["## fp32 matmul ceiling", "", "`torch.mm` of two n x n fp32 matrices, 2 n^3 FLOPs per call.", ""]
-            + table(["threads", "n", "rounds", "GFLOP/s (best)", "GFLOP/s (median)"], rows)
-            + [f"Ceilings used below (best call over sizes): {used}.", ""])
-
-
-def step_rows(group: list[dict], tops: dict[int, float]) -> list[list]:
-    rows = []
-    for b in by_provider(group):
-        e = b["extra_info"]
-        flops = e.get("flops", {}).get("total")
-        rate = flops / b["stats"]["min"] if flops else None
-        top = tops.get(threads(b))
-        rows.append([e["provider"], e["batch"], e["images"], first_call(b), b["stats"]["rounds"],
-                     fmt(b["stats"]["median"]), fmt(ips(b)), fmt(ips(b, "min")), vs_reference(b, group),
-                     fmt(flops / e["images"] / 1e9) if flops else "-", fmt(rate / 1e9) if rate else "-",
-                     f"{100 * rate / top:.1f} %" if rate and top else "-"])
-    return rows
-
-
-def step_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
-    steps = by_kernel(benchmarks, "guided_step")
-    if not steps:
-        return []
-    lines = ["## One guided step", "",
-             "One reverse step inside both guidance windows (respaced index 0.8 N of N: 40 of 50 at DiT-B/2, "
-             "20 of 25 at the demo preset): CFG forward of the "
-             "DiT, DDPM step, VAE decode of the Tweedie estimate, classifiers, backward to x_t, deviation "
-             "guidance. fast = all candidates as one batch (fused learnability op / batched vmap influence "
-             "loss); compiled = fast with `sampling.compile` (DiT, VAE decoder and influence gradient under "
-             "torch.compile; its first call compiles and is timed apart, as 'first call s': graphs that an "
-             "earlier case of the session compiled for the same shapes are reused, and inductor's on-disk cache "
-             "(TORCHINDUCTOR_CACHE_DIR) turns a compile into a load of seconds, so a small figure there means no "
-             "new graph or a warm cache; FLOPs counted on the eager fast call, the same ops); influence-free = "
-             "compiled with IGD's influence gradient replaced by zeros, a bound rather than a way to sample (FLOPs not "
-             "counted); reference = one image at a time (plain learnability / one backward per surrogate "
-             "checkpoint). FLOPs: FlopCounterMode on one call (matmul, conv, attention; forward and "
-             "backward; elementwise ops, norms and softmax count zero).", ""]
-    header = ["provider", "batch", "images/call", "first call s", "rounds", "s/call (median)", "images/s (median)",
-              "images/s (best)", "x reference", "GFLOP/image", "GFLOP/s (best)", "% of ceiling"]
-    for name, group in grouped(steps).items():
-        e = group[0]["extra_info"]
-        lines += [f"### {name}", "", _config_line(e), ""] + table(header, step_rows(group, tops))
-    lines += ["### FLOPs per image of one guided step, by part (GFLOP)", ""]
-    rows, seen = [], set()
-    for b in steps:
-        e, f = b["extra_info"], b["extra_info"]["flops"]
-        n = e["images"]
-        if e["provider"] in ("compiled", "influence-free") or (e["config"], e["path"], e["provider"]) in seen:
-            # compiled: counted on the eager fast call; influence-free: not counted; FLOPs do not
-            # depend on the thread count
-            continue
-        seen.add((e["config"], e["path"], e["provider"]))
-        parts = ("total", "dit", "codec", "classifiers", "other")
-        rows.append([e["config"], e["path"].upper(), e["provider"]] + [fmt(f[k] / n / 1e9) for k in parts])
-    lines += table(["config", "guidance", "provider", "total", "DiT", "codec", "classifiers", "other"], rows)
-    lines += ["'other' ran outside every module's forward and backward hooks: for IGD the second-order "
-              "(double-backward) convolutions through the surrogate. The reference IGD step runs E backward "
-              "passes through DiT and decoder, the fast one a single pass. Counting notes: torch 2.13's "
-              "FlopCounterMode counts CPU attention (`_scaled_dot_product_flash_attention_for_cpu`) as zero and "
-              "the weight gradient of a grouped convolution `groups` times over (vmap's per-sample gradients "
-              "are grouped convs with groups = batch); benchmarks/_measure.py supplies correct formulas for both.",
-              ""]
-    return lines
-
-
-def _config_line(e: dict) -> str:
-    d = e["dit"]
-    return (f"DiT hidden {d['hidden']}, depth {d['depth']}, {d['heads']} heads, patch {d['patch']}, "
-            f"{d['tokens']} tokens ({d['params'] / 1e6:.1f} M params); latents {'x'.join(map(str, e['latent']))}; "
-            f"codec {e['codec']}; classifiers {e['classifiers']}; IGD surrogate {e['surrogate']}; "
-            f"weights: {e['weights']}.")
-
-
-def sampling_section(benchmarks: list[dict]) -> list[str]:
-    runs = by_kernel(benchmarks, "guided_sampling")
-    if not runs:
-        return []
-    lines = ["## Whole guided sampling of one unit", "",
-             "`Distiller.sample_candidates` (the pipeline's unit sampler). The demo runs its preset's whole "
-             "25-step schedule; DiT-B/2 a short respaced schedule (the 50-step one takes minutes per unit "
-             "here) with the guidance window at the same fraction of it. One timed round (compiled and "
-             "influence-free: after a first unit that compiles every graph, timed apart).", ""]
-    header = ["provider", "batch", "images/call", "first call s", "steps", "guided steps", "window", "s/call",
-              "images/s", "x reference"]
-    for name, group in grouped(runs).items():
-        rows = []
-        for b in by_provider(group):
-            e = b["extra_info"]
-            rows.append([e["provider"], e["batch"], e["images"], first_call(b), e["steps"], e["guided_steps"],
-                         f"{e['window'][0]}..{e['window'][1]}", fmt(b["stats"]["median"]), fmt(ips(b)),
-                         vs_reference(b, group)])
-        e = group[0]["extra_info"]
-        share, full_share = e["guided_steps"] / e["steps"], e["full_guided_steps"] / e["full_steps"]
-        lines += [f"### {name}", "", f"Guided share {share:.0%} of {e['steps']} steps; the {e['full_steps']}-step "
-                  f"original guides {e['full_window'][0]}..{e['full_window'][1]}, {e['full_guided_steps']} steps "
-                  f"({full_share:.0%}).", ""] + table(header, rows)
-    return lines
-
-
-def memory_section(benchmarks: list[dict]) -> list[str]:
-    runs = by_kernel(benchmarks, "guided_step_memory")
-    if not runs:
-        return []
-    lines = ["## Peak memory of one guided step", "",
-             "Method (benchmarks/_measure.py), one profiled call each: **RSS peak** = the process's "
-             "VmHWM after the call minus VmRSS before it, with the high-water mark reset by writing 5 to "
-             "/proc/self/clear_refs after gc + malloc_trim(0) returned freed heap pages; **allocator peak** "
-             "= the peak of torch's live CPU allocations during the call, replayed from "
-             "torch.profiler(profile_memory=True) events. (tracemalloc cannot see tensor storage.)", ""]
-    header = ["config", "guidance", "provider", "threads", "images", "RSS peak MiB", "per image", "allocator peak MiB",
-              "per image", "fast/ref per image (allocator)"]
-    rows = []
-    for name, group in grouped(runs).items():
-        for kind in ("lgd", "igd"):
-            sub = [b for b in group if b["extra_info"]["path"] == kind]
-            fast, ref = pair(sub)
-            per = lambda b: b["extra_info"]["alloc_peak"] / b["extra_info"]["images"]
-            for b in sorted(sub, key=lambda b: b["extra_info"]["provider"]):
-                e = b["extra_info"]
-                rss = e.get("rss_peak")
-                ratio = per(fast) / per(ref) if b is fast and ref and per(ref) else None
-                rows.append([e["config"], kind.upper(), e["provider"], e["threads"], e["images"],
-                             fmt(rss / MiB) if rss is not None else "-",
-                             fmt(rss / MiB / e["images"]) if rss is not None else "-",
-                             fmt(e["alloc_peak"] / MiB), fmt(e["alloc_peak"] / MiB / e["images"]),
-                             f"{ratio:.2f}" if ratio else ""])
-    return lines + table(header, rows)
-
-
-def profile_section(benchmarks: list[dict], count: int = 12) -> list[str]:
-    runs = [b for b in by_kernel(benchmarks, "guided_step_memory")
-            if b["extra_info"]["provider"] == "fast" and b["extra_info"]["config"] == "demo"]
-    if not runs:
-        return []
-    lines = ["## Profile of one fast guided step at the demo config", "",
-             "torch.profiler, CPU activities, the same call as the memory row; top ops by self CPU time.", ""]
-    for b in runs:
-        e = b["extra_info"]
-        lines += [f"### {e['path'].upper()}, batch {e['batch']}, {e['threads']} thread(s) "
-                  f"({e['profiled_cpu_ms'] / 1e3:.2f} s self CPU in total)", ""]
-        rows = [[o["op"], fmt(o["self_ms"]), f"{100 * o['share']:.1f} %", o["calls"]] for o in e["top_ops"][:count]]
-        lines += table(["op", "self ms", "share", "calls"], rows)
-    return lines
-
-
-def goals_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
-    rows = []
-    for kernel, what in (("guided_step", "one step"), ("guided_sampling", "whole sampling")):
-        for kind, goal in GOALS.items():
-            for group in grouped(by_kernel(benchmarks, kernel)).values():
-                e = group[0]["extra_info"]
-                if e["config"] != "demo" or e["path"] != kind:
-                    continue
-                ref = provider(group, "reference")
-                for name in ("fast", "compiled"):
-                    b = provider(group, name)
-                    if b and ref:
-                        ratio = ips(b) / ips(ref)
-                        rows.append([f"{name} {kind.upper()} >= {goal:g}x reference images/s (demo, {what})",
-                                     e["threads"], f"{ratio:.2f}x", "yes" if ratio >= goal else "**no**"])
-    ops = {b["extra_info"]["provider"]: b for b in by_kernel(benchmarks, "learnability")}
-    if "cpp" in ops and "torch" in ops:
-        ratio = ops["torch"]["stats"]["median"] / ops["cpp"]["stats"]["median"]
-        e = ops["cpp"]["extra_info"]
-        rows.append([f"learnability op in C++ >= {OP_GOAL:g}x the torch composition (N={e['N']}, C={e['C']})",
-                     e["threads"], f"{ratio:.2f}x", "yes" if ratio >= OP_GOAL else "**no**"])
-    for b in by_kernel(benchmarks, "guided_step"):
-        e = b["extra_info"]
-        top = tops.get(threads(b))
-        if e["config"] == "dit-b2" and e["provider"] == "fast" and top:
-            share = e["flops"]["total"] / b["stats"]["min"] / top
-            rows.append([f"fast {e['path'].upper()} step >= {100 * CEILING_GOAL:.0f} % of the fp32 matmul "
-                         "ceiling (DiT-B/2)", e["threads"], f"{100 * share:.1f} %",
-                         "yes" if share >= CEILING_GOAL else "**no**"])
-    if not rows:
-        return []
-    return (["## Goals", "", "On a loaded shared machine the 2-thread verdicts can flip from one run to the next "
-             "(see Machine); the 1-thread rows, where present, are the stable comparison.", ""]
-            + table(["goal", "threads", "measured", "met"], rows) + igd_bound(benchmarks, tops)
-            + demo_efficiency(benchmarks, tops))
-
-
-def influence_flops(benchmarks: list[dict]) -> float | None:
-    """FLOPs per image of one influence gradient: the surrogate's share of the fast demo IGD step
-    (its forward, per-sample backward and the double backward; 'other' holds the latter's convolutions)."""
-    for b in by_kernel(benchmarks, "guided_step"):
-        e = b["extra_info"]
-        if e["config"] == "demo" and e["path"] == "igd" and e["provider"] == "fast" and e.get("flops"):
-            return (e["flops"]["classifiers"] + e["flops"]["other"]) / e["images"]
-    return None
-
-
-def igd_bound(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
+def igd_bound(records: list[Record], tops: dict[int, float]) -> str | None:
     """What compiled IGD would reach if its influence gradient cost nothing (provider influence-free),
     and the FLOP rate the influence gradient would need for the goal."""
-    per_image = influence_flops(benchmarks)
-    found, needs = [], []
-    for kernel, what in (("guided_step", "one step"), ("guided_sampling", "whole sampling")):
-        for group in grouped(by_kernel(benchmarks, kernel)).values():
-            free, ref, compiled = (provider(group, name) for name in ("influence-free", "reference", "compiled"))
-            if not (free and ref):
-                continue
-            e = free["extra_info"]
-            found.append(f"{ips(free) / ips(ref):.2f}x ({what}, batch {e['batch']})")
-            top = tops.get(threads(free))
-            if not (per_image and compiled and top):
-                continue
-            # seconds per image: what the goal allows, what everything but the influence gradient takes
-            allowed, rest = 1 / (GOALS["igd"] * ips(ref)), 1 / ips(free)
-            flops = per_image * e.get("guided_steps", 1)
-            have = flops / (1 / ips(compiled) - rest)
-            rate = flops / (allowed - rest) if allowed > rest else None
-            need = (f"{rate / 1e9:.0f} GFLOP/s ({100 * rate / top:.0f} % of the matmul ceiling)" if rate
-                    else "more than any rate: the rest alone is too slow")
-            needs.append(f"{what}: {need}, against {have / 1e9:.0f} GFLOP/s ({100 * have / top:.0f} %) compiled")
-    if not found:
-        return []
-    lines = [f"Bound on the IGD goals: with the influence gradient replaced by zeros and every other cost of "
-             f"the compiled path kept (provider influence-free: decode, the backward through decoder and DiT, "
-             f"deviation, the unguided steps), compiled IGD reaches {' and '.join(found)} of the reference. "
-             "No faster influence gradient can take the compiled path past these ratios; the rest of the step "
-             "would have to get faster too.", ""]
-    if needs:
-        lines += [f"For {GOALS['igd']:g}x with the rest as measured, the influence gradient "
-                  f"({per_image / 1e9:.3g} GFLOP per image and guided step) would have to run at "
-                  + "; ".join(needs) + ".", ""]
-    return lines
+    bounds = projection.igd_bound(records, tops)
+    if not bounds:
+        return None
+    needs = [fill(TEMPLATE["goals.need"], scope=b.scope, have=b.have / 1e9, have_share=100 * b.have / b.top,
+                  need=fill(TEMPLATE["goals.need.rate"], rate=b.need / 1e9, share=100 * b.need / b.top)
+                  if b.need else TEMPLATE["goals.need.none"])
+             for b in bounds if b.have is not None]
+    cases = [fill(TEMPLATE["goals.bound.case"], ratio=b.ratio, scope=b.scope, batch=b.batch) for b in bounds]
+    return fill(TEMPLATE["goals.bound"], cases=" and ".join(cases), goal=projection.GOALS["igd"],
+                influence=projection.influence_flops(records) / 1e9 if needs else None, needs="; ".join(needs) or None)
 
 
-def demo_efficiency(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
-    """Where a demo step ratio comes from: FLOPs per image and the FLOP rate of each side."""
-    lines = []
-    for group in grouped(by_kernel(benchmarks, "guided_step")).values():
-        fast, ref = pair(group)
-        if not (fast and ref) or fast["extra_info"]["config"] != "demo":
-            continue
-        top = tops.get(threads(fast))
-        per_image = [b["extra_info"]["flops"]["total"] / b["extra_info"]["images"] for b in (fast, ref)]
-        rates = [b["extra_info"]["flops"]["total"] / b["stats"]["min"] for b in (fast, ref)]
-        ceiling = f" ({100 * rates[0] / top:.0f} % of the matmul ceiling)" if top else ""
-        lines.append(f"- demo {fast['extra_info']['path'].upper()} step: {per_image[0] / 1e9:.3g} GFLOP per image fast, "
-                     f"{per_image[1] / 1e9:.3g} reference; fast {rates[0] / 1e9:.0f} GFLOP/s{ceiling} at batch "
-                     f"{fast['extra_info']['batch']}, reference {rates[1] / 1e9:.0f} GFLOP/s one image at a time.")
-    if not lines:
-        return []
-    return (["Where the demo ratios come from: the demo's models are small (16-32-channel convolutions, a "
-             "1.3 M-parameter DiT), so the fast path's gain is the FLOP-rate gain of batching, plus the FLOPs "
-             "IGD's single backward saves:", ""] + lines + [""])
+def matmul_section(records: list[Record], tops: dict[int, float]) -> str | None:
+    mm = sorted(by_kernel(records, "mm"), key=lambda r: (r.threads, r.config["n"]))
+    if not mm:
+        return None
+    columns = [("threads", "threads"), ("n", lambda r: f"{r.config['n']}^2"), ("rounds", "rounds"),
+               ("GFLOP/s (best)", lambda r: fmt(r.flops["total"] / r.best / 1e9)),
+               ("GFLOP/s (median)", lambda r: fmt(r.flops["total"] / r.median / 1e9))]
+    used = ", ".join(f"{t} thread(s): **{rate / 1e9:.1f} GFLOP/s**" for t, rate in sorted(tops.items()))
+    return fill(TEMPLATE["matmul"], table=records_table(mm, columns), used=used)
 
 
-def projection_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
-    counted = by_kernel(benchmarks, "flop_count")
-    nette = {"steps": 50, "lgd_window": [10, 45], "igd_window": [30, 45], "kappa": 3, "increment": 10,
-             "checkpoints": 4, "classes": CLASSES}
-    if counted:
-        e = counted[0]["extra_info"]
-        nette.update(e["nette"])
-        c = {k: v["total"] for k, v in e["counts"].items()}
-        source = ("counted with FlopCounterMode on the meta device by bench_projection.py: DiT-XL/2 @ 256 px, "
-                  "SD-VAE decoder, ConvNet-6 @ 224 px")
-        f_lgd, f_igd, f_u = c["lgd_step"], c["igd_step"], c["unguided_step"]
-        f_final, f_dec, f_fwd = c["decode_and_score"], c["decode"], c["dit_forward"]
-        parts = e["counts"]["lgd_step"]
-        shares = ("Of an LGD guided step, the DiT is {:.0%}, the VAE decoder {:.0%} and the classifiers {:.0%} "
-                  "of the FLOPs.").format(*(parts[k] / parts["total"] for k in ("dit", "codec", "classifiers")))
-    else:
-        source = "docs/engineering.md constants (backward taken equal to forward; classifiers neglected)"
-        f_fwd, f_dec = DIT_XL_FORWARD, SD_VAE_DECODE
-        f_u = 2 * f_fwd
-        f_lgd = 2 * (f_u + f_dec)
-        f_igd, f_final = f_lgd, f_dec
-        shares = ""
-    n = nette["steps"]
-    g_l = nette["lgd_window"][1] - nette["lgd_window"][0] + 1
-    g_i = nette["igd_window"][1] - nette["igd_window"][0] + 1
-    stages = IPC // nette["increment"]
-    lgd_stages = stages - 1
-    per_stage = nette["classes"] * nette["increment"] * nette["kappa"]
-    candidates = lgd_stages * per_stage
-    seed_images = nette["classes"] * nette["increment"]
-    per_cand = g_l * f_lgd + (n - g_l) * f_u + f_final
-    per_seed = g_i * f_igd + (n - g_i) * f_u + f_dec
-    total_lgd, total_igd = candidates * per_cand, seed_images * per_seed
-    total = total_lgd + total_igd
-    rate = H100_BF16 * UTILISATION
-    T = lambda x: f"{x / 1e12:,.1f} TFLOP"
-    G = lambda x: f"{x / 1e9:,.1f} GFLOP"
-    lines = ["## Projection: ImageNette IPC-100 on one H100", "",
-             f"FLOPs per image ({source}):", "",
-             f"- DiT-XL/2 forward: {G(f_fwd)} (docs/engineering.md: 118.6 GMAC = 237.2 GFLOP)",
-             f"- unguided step (CFG: DiT forward on 2 images): {G(f_u)}",
-             f"- LGD guided step (CFG forward, backward through DiT, SD-VAE decoder forward + backward, two "
-             f"ConvNet-6 forward + backward): {G(f_lgd)}",
-             f"- IGD guided step, fast path (as LGD, surrogate double backward over E={nette['checkpoints']} "
-             f"checkpoints, one backward to x_t): {G(f_igd)}",
-             f"- final decode + rank scoring: {G(f_final)}; decode alone: {G(f_dec)}", "",
-             f"Counts: IPC {IPC} in increments of {nette['increment']} = {stages} stages: stage 1 is the IGD seed, "
-             f"stages 2..{stages} are {lgd_stages} LGD stages. {n} steps; LGD window "
-             f"{nette['lgd_window'][0]}..{nette['lgd_window'][1]} = {g_l} guided + {n - g_l} unguided; IGD window "
-             f"{nette['igd_window'][0]}..{nette['igd_window'][1]} = {g_i} guided + {n - g_i} unguided.", "",
-             "```",
-             f"LGD candidates  = {lgd_stages} stages x {nette['classes']} classes x {nette['increment']} new images "
-             f"x kappa {nette['kappa']} = {candidates:,}",
-             f"per candidate   = {g_l} x {G(f_lgd)} + {n - g_l} x {G(f_u)} + {G(f_final)} = {T(per_cand)}",
-             f"LGD stages      = {candidates:,} x {T(per_cand)} = {total_lgd / 1e15:,.1f} PFLOP",
-             f"IGD seed images = {nette['classes']} classes x {nette['increment']} = {seed_images}",
-             f"per seed image  = {g_i} x {G(f_igd)} + {n - g_i} x {G(f_u)} + {G(f_dec)} = {T(per_seed)}",
-             f"IGD seed        = {seed_images} x {T(per_seed)} = {total_igd / 1e15:,.2f} PFLOP",
-             f"total           = {total / 1e15:,.1f} PFLOP",
-             f"H100 bf16 dense {H100_BF16 / 1e12:.0f} TFLOP/s x assumed utilisation {UTILISATION:.0%} "
-             f"= {rate / 1e12:.0f} TFLOP/s",
-             f"time            = {total / 1e15:,.1f} PFLOP / {rate / 1e12:.0f} TFLOP/s = {total / rate:,.0f} s "
-             f"= {total / rate / 60:.1f} min",
-             "```", "",
-             f"Utilisation {UTILISATION:.0%} is an assumption (large bf16 GEMMs reach 60-70 % of the H100 peak, "
-             "the decoder's GroupNorm/SiLU and the batch-30 backward less); at 25 % the run takes "
-             f"{total / (H100_BF16 * 0.25) / 60:.0f} min, at 60 % {total / (H100_BF16 * 0.6) / 60:.0f} min. In fp32 "
-             f"(67 TFLOP/s peak) it would take {total / (H100_FP32 * UTILISATION) / 60:.0f} min, in tf32 "
-             f"{total / (H100_TF32 * UTILISATION) / 60:.0f} min, at the same utilisation. {shares}", "",
-             "Not counted: training the classifiers (the reference model, one stage model per LGD stage, IGD's "
-             "50-epoch surrogate trajectory and checkpoint selection), the evaluation, and the full-IPC DiT and "
-             f"IGD baselines (the IGD baseline alone is {IPC // nette['increment']}x the seed increment). The "
-             f"official IGD loop (one image at a time, E={nette['checkpoints']} backward passes through DiT and "
-             "decoder per guided step, graphs at all 50 steps) would cost more than the fast path counted here.", ""]
-    if tops:
-        top = max(tops.values())
-        lines += [f"For scale: at this CPU's measured fp32 matmul ceiling ({top / 1e9:.0f} GFLOP/s) the same "
-                  f"FLOPs would take {total / top / 86400:,.0f} days.", ""]
-    return lines
+def step_table(group: list[Record], tops: dict[int, float]) -> list[str]:
+    def rate(r):
+        return r.flops["total"] / r.best if r.flops.get("total") else None
+
+    def ceiling(r):
+        top = tops.get(r.threads)
+        return f"{100 * rate(r) / top:.1f} %" if rate(r) and top else "-"
+
+    columns = [("provider", "provider"), ("batch", "batch"), ("images/call", "images"),
+               ("first call s", lambda r: fmt(r.first_call)), ("rounds", "rounds"),
+               ("s/call (median)", lambda r: fmt(r.median)), ("images/s (median)", lambda r: fmt(r.ips())),
+               ("images/s (best)", lambda r: fmt(r.ips(best=True))), ("x reference", lambda r: vs_reference(r, group)),
+               ("GFLOP/image", lambda r: fmt(r.flops["total"] / r.size / 1e9) if r.flops.get("total") else "-"),
+               ("GFLOP/s (best)", lambda r: fmt(rate(r) / 1e9) if rate(r) else "-"), ("% of ceiling", ceiling)]
+    return records_table(by_provider(group), columns)
 
 
-TRAINING_GOALS = {"demo": 2.5, "nette": 1.5}  # best fast/group images/s over reference (the training issue)
-# Assumed H100 utilisation of classifier training: one small-batch model at a time (batch 64
-# ConvNets, short kernels, host overhead) and a vmap group of models (one wide launch).
-TRAIN_UTIL_LONE, TRAIN_UTIL_GROUP = 0.25, 0.40
+def step_section(records: list[Record], tops: dict[int, float]) -> str | None:
+    steps = by_kernel(records, "guided_step")
+    if not steps:
+        return None
+
+    def group_fields(name, group):
+        c = group[0].config
+        d = c["dit"]
+        return dict(name=name, hidden=d["hidden"], depth=d["depth"], heads=d["heads"], patch=d["patch"],
+                    tokens=d["tokens"], params=d["params"] / 1e6, latent="x".join(map(str, c["latent"])),
+                    codec=c["codec"], classifiers=c["classifiers"], surrogate=c["surrogate"], weights=c["weights"],
+                    table=step_table(group, tops))
+
+    # compiled: counted on the eager fast call; influence-free: not counted; FLOPs do not depend
+    # on the thread count
+    counted = [r for r in steps if r.provider not in ("compiled", "influence-free")]
+    parts = [("config", "preset"), ("guidance", lambda r: r.config["path"].upper()), ("provider", "provider")]
+    parts += [(h, lambda r, k=k: fmt(r.flops[k] / r.size / 1e9))
+              for h, k in (("total", "total"), ("DiT", "dit"), ("codec", "codec"), ("classifiers", "classifiers"),
+                           ("other", "other"))]
+    return fill(TEMPLATE["step"], groups=groups("step.group", steps, group_fields),
+                parts=records_table(counted, parts, unique=("preset", "path", "provider")))
 
 
-def training_section(benchmarks: list[dict], tops: dict[int, float]) -> list[str]:
-    runs = by_kernel(benchmarks, "training")
+def sampling_section(records: list[Record]) -> str | None:
+    runs = by_kernel(records, "guided_sampling")
     if not runs:
-        return []
-    top = max(tops.values()) if tops else None
-    lines = ["## Classifier training", "",
-             "`benchmarks/bench_training.py`: `train_classifiers` from fresh models; images/s counts every "
-             "member's training images. GFLOP/s from the per-image forward + backward FLOPs (FlopCounterMode, "
-             "meta device); % ceiling against the fp32 matmul ceiling of the same run. This section alone is "
-             "regenerated with `python -m pytest benchmarks/bench_training.py benchmarks/bench_matmul.py "
-             "benchmarks/bench_projection.py --benchmark-only --benchmark-json=t.json` and "
-             "`python benchmarks/make_table.py t.json --update` (the JSON of this run: "
-             "`benchmarks/results/training.json`).", ""]
-    for name, group in grouped(runs).items():
-        ref = next((b for b in group if b["extra_info"]["provider"] == "reference"), None)
-        rows = []
-        for b in group:
-            e = b["extra_info"]
-            rate = ips(b)
-            flops = rate * e["flops_per_image"]
-            rows.append([e["provider"], e["members"], fmt(rate), fmt(rate / ips(ref), 2) + "x" if ref else "",
-                         fmt(flops / 1e9), f"{flops / top:.0%}" if top else "",
-                         fmt(e.get("first_call_s"), 2) if e.get("first_call_s") is not None else ""])
-        e0 = group[0]["extra_info"]
-        lines += [f"### {name}", "",
-                  f"{e0['network']} width {e0['width']} at {e0['size']} px, {e0['channels']} channel(s), "
-                  f"{e0['images']} images, {e0['recipe']} recipe, {e0['epochs']} epoch(s) per call, "
-                  f"{e0['flops_per_image'] / 1e6:,.1f} MFLOP per training image.", ""]
-        lines += table(["provider", "members", "images/s", "x reference", "GFLOP/s", "% ceiling", "first call s"], rows)
-        config = e0["config"]
-        if ref and config in TRAINING_GOALS:
-            best = max((b for b in group if b is not ref), key=ips, default=None)
-            if best is not None:
-                ratio = ips(best) / ips(ref)
-                goal = TRAINING_GOALS[config]
-                lines += [f"Goal: >= {goal}x the reference. Best: {best['extra_info']['provider']} at "
-                          f"{ratio:.2f}x ({'met' if ratio >= goal else 'not met'}).", ""]
-    return lines
+        return None
+
+    def group_fields(name, group):
+        c = group[0].config
+        columns = [("provider", "provider"), ("batch", "batch"), ("images/call", "images"),
+                   ("first call s", lambda r: fmt(r.first_call)), ("steps", "steps"), ("guided steps", "guided_steps"),
+                   ("window", lambda r: f"{r.config['window'][0]}..{r.config['window'][1]}"),
+                   ("s/call", lambda r: fmt(r.median)), ("images/s", lambda r: fmt(r.ips())),
+                   ("x reference", lambda r: vs_reference(r, group))]
+        return dict(name=name, share=c["guided_steps"] / c["steps"], steps=c["steps"], full_steps=c["full_steps"],
+                    full_start=c["full_window"][0], full_end=c["full_window"][1], full_guided=c["full_guided_steps"],
+                    full_share=c["full_guided_steps"] / c["full_steps"],
+                    table=records_table(by_provider(group), columns))
+
+    return fill(TEMPLATE["sampling"], groups=groups("sampling.group", runs, group_fields))
 
 
-def training_projection(benchmarks: list[dict]) -> list[str]:
-    """Whole nette run (IPC 50 and 100) on one H100: sampling (as above) plus every training."""
-    counted = by_kernel(benchmarks, "training_flop_count")
-    sampling = by_kernel(benchmarks, "flop_count")
-    if not counted:
-        return []
-    f = counted[0]["extra_info"]["flops_per_image"]
-    train_images, test_images, classes = 9469, 3925, CLASSES  # ImageNette train / val, 10 classes
-    lines = ["## Projection: a whole ImageNette run on one H100", "",
-             "Image-steps (one training image through forward + backward) of every classifier training in "
-             "the `nette` preset's distill, evaluate and analyze, times the per-image FLOPs counted by "
-             "bench_training.py at 224 px: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP" for k, v in f.items()) + ". "
-             "Test scoring counts a third of a training image per test image (forward only).", ""]
+def memory_section(records: list[Record]) -> str | None:
+    runs = by_kernel(records, "guided_step_memory")
+    if not runs:
+        return None
     rows = []
-    for ipc in (50, 100):
-        epochs = lambda n_ipc: 2000 if n_ipc <= 10 else 1500 if n_ipc <= 50 else 1000  # hard_label by IPC
-        stages = ipc // 10
-        distill = 50 * train_images + 50 * train_images  # reference model (50 epochs) + IGD surrogate (50 epochs)
-        distill += sum(10 * k * classes * epochs(10 * k) for k in range(1, stages))  # stage models on D_1..D_{K-1}
-        per_training = ipc * classes * epochs(ipc)
-        evaluate = {net: 4 * 3 * per_training for net in f}  # 4 sets x 3 runs per network
-        per_set = stages * 10 * classes * epochs(10)  # cross-increment: one model per increment
-        phase = epochs(ipc) // stages
-        per_set += sum(phase * 10 * k * classes for k in range(1, stages + 1))  # dynamics training
-        per_set += epochs(ipc) * test_images / 3  # dynamics: the test set scored every epoch
-        per_set += per_training + epochs(ipc) * ipc * classes / 3  # cartography + its per-epoch tracking
-        analyze = 3 * per_set  # lgd, dit, igd on convnet6
-        pf = lambda steps, net="convnet6": steps * f[net] / 1e15
-        d, e, a = pf(distill), sum(pf(v, n) for n, v in evaluate.items()), pf(analyze)
-        sample = None
-        if sampling:
-            c = {k: v["total"] for k, v in sampling[0]["extra_info"]["counts"].items()}
-            nette = sampling[0]["extra_info"]["nette"]
-            n = nette["steps"]
-            g_l = nette["lgd_window"][1] - nette["lgd_window"][0] + 1
-            g_i = nette["igd_window"][1] - nette["igd_window"][0] + 1
-            per_cand = g_l * c["lgd_step"] + (n - g_l) * c["unguided_step"] + c["decode_and_score"]
-            per_seed = g_i * c["igd_step"] + (n - g_i) * c["unguided_step"] + c["decode"]
-            sample = ((stages - 1) * classes * 10 * 3 * per_cand + classes * 10 * per_seed) / 1e15
-        fp32_h = (d + e + a) * 1e15 / (H100_FP32 * 0.5) / 3600
-        lone = (d + e + a) * 1e15 / (H100_BF16 * TRAIN_UTIL_LONE) / 3600
-        grouped_h = (d * 1e15 / (H100_BF16 * TRAIN_UTIL_LONE) + (e + a) * 1e15 / (H100_BF16 * TRAIN_UTIL_GROUP)) / 3600
-        samp_h = sample * 1e15 / (H100_BF16 * UTILISATION) / 3600 if sample is not None else 0.0
-        rows.append([ipc, fmt(sample, 3) if sample is not None else "", fmt(d, 3), fmt(e, 3), fmt(a, 3),
-                     fmt(fp32_h + samp_h, 2), fmt(lone + samp_h, 2), fmt(grouped_h + samp_h, 2)])
-    lines += table(["IPC", "sampling PFLOP", "distill training PFLOP", "evaluate PFLOP", "analyze PFLOP",
-                    "H100 h: fp32 training", "H100 h: bf16, one at a time", "H100 h: bf16, groups"], rows)
-    lines += ["", f"Utilisation assumed, not measured (no GPU run yet): sampling {UTILISATION:.0%} of the bf16 peak "
-              f"(as above); the reference loop's fp32 training 50 % of the fp32 peak "
-              f"({H100_FP32 / 1e12:.0f} TFLOP/s); the fast engine's bf16 training {TRAIN_UTIL_LONE:.0%} of the bf16 "
-              f"peak for one model at a time (distill's trainings) and {TRAIN_UTIL_GROUP:.0%} for vmap groups "
-              "(evaluate, analyze). Goal on paper: the whole IPC-50 run, evaluate included, within 1 H100-hour.", ""]
-    return lines
+    for group in grouped(runs).values():
+        for kind in ("lgd", "igd"):
+            sub = [r for r in group if r.config["path"] == kind]
+            fast, ref = provider(sub, "fast"), provider(sub, "reference")
+            per = lambda r: r.memory["alloc_peak"] / r.size
+            for r in sorted(sub, key=lambda r: r.provider):
+                rss, alloc, images = r.memory.get("rss_peak"), r.memory["alloc_peak"], r.size
+                ratio = per(fast) / per(ref) if r is fast and ref and per(ref) else None
+                rows.append([r.config["preset"], kind.upper(), r.provider, r.threads, images,
+                             fmt(rss / MiB) if rss is not None else "-",
+                             fmt(rss / MiB / images) if rss is not None else "-",
+                             fmt(alloc / MiB), fmt(alloc / MiB / images), f"{ratio:.2f}" if ratio else ""])
+    header = ["config", "guidance", "provider", "threads", "images", "RSS peak MiB", "per image", "allocator peak MiB",
+              "per image", "fast/ref per image (allocator)"]
+    return fill(TEMPLATE["memory"], table=table(header, rows))
 
 
-KNOWN = {"mm", "guided_step", "guided_sampling", "guided_step_memory", "flop_count", "training", "training_flop_count",
-         "memory_count"}
-GPU_MEMORY_TITLE = "## GPU memory of one guided step at ImageNette scale"
-
-
-def gpu_memory_section(benchmarks: list[dict]) -> list[str]:
+def gpu_memory_section(records: list[Record]) -> str | None:
     """bench_projection.py's meta-device count: peak memory and the candidate batch that fits."""
-    found = by_kernel(benchmarks, "memory_count")
+    found = by_kernel(records, "memory_count")
     if not found:
-        return []
-    info = found[0]["extra_info"]
+        return None
+    info = found[0].extra
     batch = str(info["nette"]["batch_size"])
     cards = list(info["cards"])
     header = ["step", "precision", "decoder checkpointing", "weights GiB", "peak GiB, batch 1",
@@ -616,76 +206,149 @@ def gpu_memory_section(benchmarks: list[dict]) -> list[str]:
     rows = [[r["kind"].upper(), r["precision"], "on" if r["checkpoint_decoder"] else "off",
              fmt(r["weights_bytes"] / 2**30), fmt(r["per_batch"]["1"] / 2**30), fmt(r["per_batch"][batch] / 2**30)]
             + [r["fits"][card] for card in cards] for r in info["rows"]]
-    return [GPU_MEMORY_TITLE, "",
-            f"Counted, not measured: `benchmarks/bench_projection.py` runs one guided step (the nette preset: "
-            f"{info['models']}, E={info['nette']['checkpoints']} surrogate checkpoints for IGD) on the meta device "
-            "and records the high-water mark of live tensor storage (saved activations and the transients of "
-            "forward and backward) plus the weights. bf16 stands for autocast: fp32 weights and their bf16 "
-            "copies are counted, the norms autocast keeps in fp32 are not (a slight underestimate). The largest "
-            f"batch leaves {info['headroom']:.0%} of the card free for the allocator and workspaces. The batch "
-            "is in candidates (`sampling.batch_size`; LGD batches are whole groups of kappa). `sampling."
-            "fp32_guidance` runs the guided steps in fp32: use the fp32 rows. Decoder checkpointing is "
-            "`sampling.checkpoint_decoder` (one more decoder forward per guided step). Not yet checked on a GPU "
-            "(`benchmarks/gpu_check.py` measures it by trying).", ""] + table(header, rows)
+    return fill(TEMPLATE["gpu_memory"], models=info["models"], checkpoints=info["nette"]["checkpoints"],
+                headroom=info["headroom"], table=table(header, rows))
 
 
-def other_section(benchmarks: list[dict]) -> list[str]:
-    rest = [b for b in benchmarks if b.get("extra_info", {}).get("kernel") not in KNOWN]
+def profile_section(records: list[Record], count: int = 12) -> str | None:
+    runs = [r for r in by_kernel(records, "guided_step_memory")
+            if r.provider == "fast" and r.config["preset"] == "demo"]
+    if not runs:
+        return None
+    columns = [("op", lambda o: o["op"]), ("self ms", lambda o: fmt(o["self_ms"])),
+               ("share", lambda o: f"{100 * o['share']:.1f} %"), ("calls", lambda o: o["calls"])]
+    return fill(TEMPLATE["profile"], runs="\n\n".join(
+        fill(TEMPLATE["profile.run"], path=r.config["path"].upper(), batch=r.config["batch"], threads=r.threads,
+             seconds=r.extra["profiled_cpu_ms"] / 1e3, table=records_table(r.extra["top_ops"][:count], columns))
+        for r in runs))
+
+
+def projection_section(records: list[Record], tops: dict[int, float]) -> str:
+    counted = by_kernel(records, "flop_count")
+    s = projection.sampling(counted[0].extra if counted else None)
+    nette, rate, top = s.nette, projection.H100_BF16 * projection.UTILISATION, max(tops.values(), default=None)
+    gflop = {k: getattr(s, k) / 1e9 for k in ("dit_forward", "unguided", "lgd_step", "igd_step", "final", "decode")}
+    tflop = {k: getattr(s, k) / 1e12 for k in ("per_candidate", "per_seed")}
+    shares = "" if s.shares is None else fill(TEMPLATE["projection.shares"],
+                                              **dict(zip(("dit", "codec", "classifiers"), s.shares)))
+    return fill(
+        TEMPLATE["projection"], **gflop, **tflop,
+        source=TEMPLATE["projection.counted" if s.counted else "projection.constants"],
+        checkpoints=nette["checkpoints"], ipc=projection.IPC, increment=nette["increment"], stages=s.stages,
+        lgd_stages=s.stages - 1, steps=s.steps, classes=nette["classes"], kappa=nette["kappa"],
+        lgd_start=nette["lgd_window"][0], lgd_end=nette["lgd_window"][1], lgd_guided=s.lgd_guided,
+        lgd_unguided=s.steps - s.lgd_guided, igd_start=nette["igd_window"][0], igd_end=nette["igd_window"][1],
+        igd_guided=s.igd_guided, igd_unguided=s.steps - s.igd_guided, candidates=s.candidates,
+        seed_images=s.seed_images, lgd_total=s.lgd_total / 1e15, igd_total=s.igd_total / 1e15, total=s.total / 1e15,
+        peak=projection.H100_BF16 / 1e12, utilisation=projection.UTILISATION, rate=rate / 1e12,
+        seconds=s.total / rate, minutes=s.total / rate / 60, at_25=s.minutes(utilisation=0.25),
+        at_60=s.minutes(utilisation=0.6), fp32=s.minutes(projection.H100_FP32), tf32=s.minutes(projection.H100_TF32),
+        shares=shares, baseline=projection.IPC // nette["increment"], ceiling=top / 1e9 if top else None,
+        days=s.total / top / 86400 if top else None)
+
+
+def training_section(records: list[Record], tops: dict[int, float], run: str | None = None) -> str | None:
+    """`run`: a line on this run, put under the title (for --update)."""
+    runs = by_kernel(records, "training")
+    if not runs:
+        return None
+    top = max(tops.values()) if tops else None
+
+    def group_fields(name, group):
+        ref = provider(group, "reference")
+        flops = lambda r: r.ips() * r.extra["flops_per_image"]
+        columns = [("provider", "provider"), ("members", "members"), ("images/s", lambda r: fmt(r.ips())),
+                   ("x reference", lambda r: fmt(r.ips() / ref.ips(), 2) + "x" if ref else ""),
+                   ("GFLOP/s", lambda r: fmt(flops(r) / 1e9)),
+                   ("% ceiling", lambda r: f"{flops(r) / top:.0%}" if top else ""),
+                   ("first call s", lambda r: fmt(r.first_call, 2) if r.first_call is not None else "")]
+        goal = dict(goal=None, best=None, ratio=None, verdict=None)  # no goal line
+        if found := projection.training_goal(group):
+            best, ratio, target = found
+            goal = dict(goal=target, best=best.provider, ratio=ratio, verdict="met" if ratio >= target else "not met")
+        c = group[0].config
+        return dict(name=name, network=c["network"], width=c["width"], size=c["size"], channels=c["channels"],
+                    images=c["images"], recipe=c["recipe"], epochs=c["epochs"],
+                    mflop=group[0].extra["flops_per_image"] / 1e6, table=records_table(group, columns), **goal)
+
+    return fill(TEMPLATE["training"], run=run, groups=groups("training.group", runs, group_fields))
+
+
+def training_projection(records: list[Record]) -> str | None:
+    """Whole nette run (IPC 50 and 100) on one H100: sampling (as above) plus every training."""
+    counted = by_kernel(records, "training_flop_count")
+    if not counted:
+        return None
+    f = counted[0].extra["flops_per_image"]
+    sampling = by_kernel(records, "flop_count")
+    rows = []
+    for ipc in (50, 100):
+        w = projection.whole_run(f, ipc, sampling[0].extra if sampling else None)
+        rows.append([ipc, fmt(w.sampling, 3) if w.sampling is not None else "", fmt(w.distill, 3),
+                     fmt(w.evaluate, 3), fmt(w.analyze, 3), fmt(w.fp32_h, 2), fmt(w.lone_h, 2), fmt(w.grouped_h, 2)])
+    header = ["IPC", "sampling PFLOP", "distill training PFLOP", "evaluate PFLOP", "analyze PFLOP",
+              "H100 h: fp32 training", "H100 h: bf16, one at a time", "H100 h: bf16, groups"]
+    return fill(TEMPLATE["training_projection"], flops=", ".join(f"{k} {v / 1e9:.1f} GFLOP" for k, v in f.items()),
+                table=table(header, rows), utilisation=projection.UTILISATION, fp32_peak=projection.H100_FP32 / 1e12,
+                lone=projection.TRAIN_UTIL_LONE, group=projection.TRAIN_UTIL_GROUP)
+
+
+def other_section(records: list[Record]) -> str | None:
+    rest = [r for r in records if r.kernel not in KNOWN]
     if not rest:
-        return []
-    lines = ["## Other benchmarks", ""]
-    for name, group in grouped(rest).items():
-        rows = [[b["name"], b["extra_info"].get("provider", ""), b["stats"]["rounds"], fmt(b["stats"]["min"] * 1e3),
-                 fmt(b["stats"]["median"] * 1e3), fmt(b["stats"]["mean"] * 1e3)] for b in group]
-        header = ["benchmark", "provider", "rounds", "min ms", "median ms", "mean ms"]
-        lines += [f"### {name}", ""] + table(header, rows)
-    return lines
+        return None
+    columns = [("benchmark", "name"), ("provider", lambda r: r.extra.get("provider", "")), ("rounds", "rounds"),
+               ("min ms", lambda r: fmt(r.best * 1e3)), ("median ms", lambda r: fmt(r.median * 1e3)),
+               ("mean ms", lambda r: fmt(r.mean * 1e3))]
+    return fill(TEMPLATE["other"], groups=groups(
+        "other.group", rest, lambda name, group: dict(name=name, table=records_table(group, columns))))
 
 
+# ---------------------------------------------------------------------------------------------
+# The document, and the partial update
 
-def training_sections(paths: list[Path]) -> str:
-    """Only the training sections (with this run's date and load), for --update."""
-    runs, benchmarks = load(paths)
-    tops = ceilings(benchmarks)
-    info = [b["extra_info"] for b in benchmarks if b["extra_info"].get("kernel") == "training"]
-    loads = sorted(i["load_1min"] for i in info if "load_1min" in i)
-    lines = training_section(benchmarks, tops)
-    if lines and loads:
-        lines[1:1] = ["", f"Run {runs[0]['datetime']}, torch {info[0].get('torch', '?')}, "
-                      f"{info[0].get('threads', '?')} threads; 1-minute load {loads[0]:.1f} .. {loads[-1]:.1f}; "
-                      f"matmul ceiling {max(tops.values()) / 1e9:.0f} GFLOP/s in the same run." if tops else ""]
-    return "\n".join(lines + training_projection(benchmarks)).rstrip() + "\n"
+
+def document(sections) -> str:
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def render(paths: list[Path]) -> str:
+    runs, records = load(paths)
+    tops = projection.ceilings(records)
+    return document([TEMPLATE["head"], machine_section(runs, records), goals_section(records, tops),
+                     matmul_section(records, tops), step_section(records, tops), sampling_section(records),
+                     memory_section(records), gpu_memory_section(records), profile_section(records),
+                     projection_section(records, tops), training_section(records, tops),
+                     training_projection(records), other_section(records)])
+
+
+def training_sections(runs: list[Run], records: list[Record]) -> list[str | None]:
+    """Only the training sections, with a line on this run's date and load, for --update."""
+    tops = projection.ceilings(records)
+    info = by_kernel(records, "training")
+    loads = sorted(r.host["load_1min"] for r in info if "load_1min" in r.host)
+    run = None
+    if loads and tops:
+        first = info[0].extra
+        run = fill(TEMPLATE["training.run"], datetime=runs[0].datetime, torch=first.get("torch", "?"),
+                   threads=first.get("threads", "?"), load_min=loads[0], load_max=loads[-1],
+                   ceiling=max(tops.values()) / 1e9)
+    return [training_section(records, tops, run), training_projection(records)]
 
 
 def update_sections(paths: list[Path]) -> str:
     """The sections a partial run of the benchmarks can refresh: training, and the GPU memory count."""
-    _, benchmarks = load(paths)
-    text = training_sections(paths) if by_kernel(benchmarks, "training") else ""
-    memory = gpu_memory_section(benchmarks)
-    return text + ("\n" if text and memory else "") + "\n".join(memory).rstrip() + ("\n" if memory else "")
+    runs, records = load(paths)
+    sections = training_sections(runs, records) if by_kernel(records, "training") else []
+    sections.append(gpu_memory_section(records))
+    return document(sections) if any(sections) else ""
 
 
 def splice(existing: str, sections: str) -> str:
     """`existing` with each section that `sections` has (by its "## " title) replaced, put at the end."""
     titles = tuple(line for line in sections.splitlines() if line.startswith("## "))
-    blocks = re.split(r"(?m)^(?=## )", existing)
-    kept = [b for b in blocks if not b.startswith(titles)]
+    kept = [b for b in re.split(r"(?m)^(?=## )", existing) if not b.startswith(titles)]
     return "".join(kept).rstrip() + "\n\n" + sections
-
-
-def render(paths: list[Path]) -> str:
-    runs, benchmarks = load(paths)
-    tops = ceilings(benchmarks)
-    lines = ["# Benchmarks", "",
-             "Generated by `benchmarks/make_table.py` from pytest-benchmark JSON; do not edit by hand. Re-run:", "",
-             "```", "python -m pytest benchmarks -q --benchmark-only --benchmark-json=bench.json",
-             "python benchmarks/make_table.py bench.json", "```", ""]
-    for section in (machine_section(runs, benchmarks), goals_section(benchmarks, tops), matmul_section(benchmarks),
-                    step_section(benchmarks, tops), sampling_section(benchmarks), memory_section(benchmarks),
-                    gpu_memory_section(benchmarks), profile_section(benchmarks), projection_section(benchmarks, tops),
-                    training_section(benchmarks, tops), training_projection(benchmarks), other_section(benchmarks)):
-        lines += section
-    return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

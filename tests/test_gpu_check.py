@@ -4,6 +4,7 @@ the validated.json update, the batch search).
 
 The dry run runs every section on the CPU at tiny shapes (Triton interpreted, torch.compile
 eager), in a subprocess, as a person would start it."""
+import importlib
 import json
 import os
 import subprocess
@@ -182,7 +183,8 @@ def make_table_row(make_table, ipc: int, counts: dict | None = None) -> list[str
         nette = {"steps": 50, "lgd_window": [10, 45], "igd_window": [30, 45]}
         records.append({"extra_info": {"kernel": "flop_count", "nette": nette,
                                        "counts": {k: {"total": v} for k, v in counts.items()}}})
-    line = next(line for line in make_table.training_projection(records) if line.startswith(f"| {ipc} |"))
+    records = [importlib.import_module("records").from_benchmark(r) for r in records]  # make_table's records module
+    line = next(line for line in make_table.training_projection(records).splitlines() if line.startswith(f"| {ipc} |"))
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
