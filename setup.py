@@ -1,4 +1,4 @@
-"""Package layout, and (with the fast path) the optional C++ extension in csrc/.
+"""Package layout, and the optional C++ CPU extension in csrc/.
 
 Metadata lives in pyproject.toml. `kernels/` is installed as `lgd.kernels` so that no
 top-level `kernels` module shadows the PyPI project of that name.
@@ -28,7 +28,6 @@ def _has_avx2() -> bool:
 
 def _extensions() -> dict:
     try:
-        import torch
         from torch.utils import cpp_extension
     except ImportError:
         print(
@@ -49,18 +48,8 @@ def _extensions() -> dict:
         # Selects ATen's AVX2 Vectorized<float> (and Sleef exp) instead of the scalar fallback.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
-    sources = sorted(glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob("csrc/*.cu"))
-    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if use_cuda:
-        ext = cpp_extension.CUDAExtension(
-            "lgd._C", sources + cuda_sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link,
-        )
-    else:
-        ext = cpp_extension.CppExtension(
-            "lgd._C", sources, extra_compile_args=cxx, extra_link_args=link
-        )
+    # CPU only: the GPU ops are Triton kernels (kernels/), built at run time.
+    ext = cpp_extension.CppExtension("lgd._C", sorted(glob("csrc/*.cpp")), extra_compile_args=cxx, extra_link_args=link)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 

@@ -157,15 +157,15 @@ from render import fmt, table  # noqa: E402  (stdlib only)
 from lgd.acceleration import _autocast_fp32_out, apply_speedups, tf32  # noqa: E402
 from lgd.classifiers import build_classifier  # noqa: E402
 from lgd.config import Config, TrainSection, read_preset  # noqa: E402
-from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance  # noqa: E402
-from lgd.guidance.common import to_classifier_input  # noqa: E402
+from lgd.guidance import ClassMemory, InfluenceLoss  # noqa: E402
+from lgd.guidance.factory import guidance_factory  # noqa: E402
 from lgd.guidance.learnability import learnability  # noqa: E402
 from lgd.kernels import adaln_norm, group_norm_silu, policy  # noqa: E402
 from lgd.kernels import learnability as learnability_op  # noqa: E402
 from lgd.kernels._common import flash_rule  # noqa: E402
 from lgd.models import DIT_CONFIGS, create_dit  # noqa: E402
 from lgd.models.vae import LatentCodec  # noqa: E402
-from lgd.sampling import Sampler, SamplerSettings  # noqa: E402
+from lgd.diffusion.sampler import Sampler, SamplerSettings  # noqa: E402
 from lgd.seeding import NoiseStream  # noqa: E402
 from lgd.training import Member, train_classifiers  # noqa: E402
 from lgd.training.recipes import default_epochs  # noqa: E402
@@ -466,17 +466,15 @@ class Models:
 
     def guidance(self, kind: str, sampler: Sampler, codec: nn.Module, influence: InfluenceLoss | None = None,
                  window: tuple[int, int] | None = None):
-        """The guidance the pipeline builds for `kind` (lgd.pipeline), with the nette settings."""
-        c, alphas = self.config, sampler.diffusion.alphas_cumprod
-        if kind == "lgd":
-            return LearnabilityGuidance(
-                codec=codec, student=self.student, reference=self.reference, alphas_cumprod=alphas,
-                omega=c.lgd.omega, lam=c.lgd.lam, rho_scale=c.lgd.rho_scale, window=window or c.lgd.window,
-                deviation=Deviation(self.memory, c.lgd.gamma, self.device), classifier_size=self.scale.classifier_size)
-        return InfluenceGuidance(
-            codec=codec, loss=influence, alphas_cumprod=alphas, k=c.igd.k, rho_scale=c.igd.rho_scale,
-            window=window or c.igd.window, deviation=Deviation(self.memory, c.igd.gamma, self.device),
-            classifier_size=self.scale.classifier_size)
+        """The guidance the pipeline builds for `kind` (lgd.guidance.factory), with the nette settings."""
+        c = self.config
+        if window is not None:
+            c = dataclasses.replace(c, lgd=dataclasses.replace(c.lgd, window=window),
+                                    igd=dataclasses.replace(c.igd, window=window))
+        make = guidance_factory(kind, c, codec=codec, alphas_cumprod=sampler.diffusion.alphas_cumprod,
+                                memory=self.memory, device=self.device, student=self.student,
+                                reference=self.reference, influence=influence)
+        return make([CLASS])
 
     def influence(self, compile: bool) -> InfluenceLoss:
         return InfluenceLoss(self.surrogate, self.checkpoints, self.targets, compile=compile)
@@ -982,8 +980,7 @@ def final_decode(models: Models, codec: nn.Module, latents: torch.Tensor, labels
     with torch.no_grad():
         images = codec.decode(latents)
         if score:
-            learnability(models.student, models.reference, to_classifier_input(images, models.scale.classifier_size),
-                         labels, models.config.lgd.omega)
+            learnability(models.student, models.reference, images, labels, models.config.lgd.omega)
 
 
 def short_run(ctx: Context) -> dict:

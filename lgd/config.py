@@ -373,7 +373,8 @@ def _check_attention(config: Config) -> None:
 
 
 def validate(config: Config) -> None:
-    """Reject every bad value or combination before any work starts (paths are checked too)."""
+    """Reject every bad value or combination before any work starts. Pure: files and folders
+    are checked by the code that opens them (lgd distill opens them before it writes anything)."""
     s = config.sampling
     from lgd.diffusion.sampler import SamplerSettings
 
@@ -443,9 +444,6 @@ def validate(config: Config) -> None:
            f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name, value in (("model.dit", config.model.dit), ("model.vae", config.model.vae)):
         _check(bool(value), f"{name} is required: the path to the weights on disk")
-        _check(value in ("demo", "identity") or Path(value).exists(), f"{name}: path {value} does not exist")
     _check(config.model.dit != "identity", "model.dit cannot be 'identity'")
-    if config.data.root is not None:
-        _check(Path(config.data.root).is_dir(), f"data.root: folder {config.data.root} does not exist")
     _check(config.data.name not in ("imagenette", "imagewoof", "imagefolder") or config.data.root is not None,
            f"data.root is required for {config.data.name}")

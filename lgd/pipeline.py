@@ -77,12 +77,9 @@ class Distiller:
         self.stages = config.stages.ipc // config.stages.increment
 
     def prepare(self) -> None:
+        """Open the weights and the data (each loader names what is wrong with its file), then
+        claim the run directory: a start that fails on its inputs leaves nothing behind."""
         c, rt = self.config, self.runtime
-        if rt.is_main:
-            self.run.check_writable()
-            self.run.lock()
-            self.run.claim(c)
-        rt.barrier()
         self.generator = load_generator(c, self.device)
         self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
         self.num_classes = self.train_set.num_classes
@@ -95,7 +92,11 @@ class Distiller:
         factory = ClassifierFactory(self.train_set.channels, self.num_classes, c.data.classifier_input)
         self.classifiers = ClassifierCache(self.run, rt, factory, c, self.device, self.progress)
         if rt.is_main:
+            self.run.check_writable()
+            self.run.lock()
+            self.run.claim(c)
             warn_deviation_scale(c, self.generator.sampler.latent_shape)
+        rt.barrier()
 
     # --- the whole run ------------------------------------------------------------------
     def run_all(self) -> Path:

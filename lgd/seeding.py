@@ -35,11 +35,3 @@ class NoiseStream:
     def derived(self, tag: str) -> "NoiseStream":
         """Independent streams for the same samples (per-sample seeds derived from theirs and tag)."""
         return NoiseStream([derive_seed(s, tag) for s in self.seeds], self.device)
-
-    def select(self, keep: list[int]) -> "NoiseStream":
-        """A stream over a subset of the samples, continuing their generators' state."""
-        child = NoiseStream.__new__(NoiseStream)
-        child.seeds = [self.seeds[i] for i in keep]
-        child.device = self.device
-        child.generators = [self.generators[i] for i in keep]
-        return child

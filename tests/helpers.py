@@ -8,32 +8,48 @@ from types import ModuleType
 
 import torch
 
-from lgd.models import create_dit, save_dit
+from lgd.files import write_json, write_png
+from lgd.models import DiT, create_dit, save_dit
+from lgd.rundir import image_name, record_name
 
 
-def tiny_vae_folder(path: Path, image_channels: int = 3) -> Path:
-    """A random AutoencoderKL with 4-channel latents and 2x downsampling, saved like the SD VAE."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=image_channels, out_channels=image_channels, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=8, sample_size=8,
-    )
-    vae.save_pretrained(path)
-    return path
-
-
-def tiny_dit_file(path: Path, num_classes: int = 3, input_size: int = 4) -> Path:
-    """A tiny DiT with randomised (not zero) output layers, so samples depend on the class."""
-    torch.manual_seed(0)
-    dit = create_dit("DiT-T/2", input_size=input_size, num_classes=num_classes)
+def tiny_dit(seed: int | None = 0, input_size: int = 4, num_classes: int = 3, **overrides) -> DiT:
+    """DiT-T/2 with the DiT's own initialisation, its zero-initialised adaLN-Zero and output
+    layers made small random, so the output depends on every input and the class (seed None:
+    the caller's RNG state)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    dit = create_dit("DiT-T/2", input_size=input_size, num_classes=num_classes, **overrides)
     with torch.no_grad():
         for p in dit.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    save_dit(dit, path)
+    return dit
+
+
+def tiny_vae(image_channels: int = 3, blocks: tuple[int, ...] = (8, 8), groups: int = 8, seed: int | None = 0,
+             **extra):
+    """A random AutoencoderKL with 4-channel latents, one 2x downsampling per block after the
+    first (seed None: the caller's RNG state)."""
+    from diffusers import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=image_channels, out_channels=image_channels, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks, layers_per_block=1, norm_num_groups=groups, **extra,
+    )
+
+
+def tiny_vae_folder(path: Path, image_channels: int = 3) -> Path:
+    """tiny_vae (2x downsampling) saved like the SD VAE."""
+    tiny_vae(image_channels, sample_size=8).save_pretrained(path)
+    return path
+
+
+def tiny_dit_file(path: Path, num_classes: int = 3, input_size: int = 4) -> Path:
+    save_dit(tiny_dit(0, input_size, num_classes), path)
     return path
 
 
@@ -94,3 +110,30 @@ def benchmark_module(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# A fake run directory's images: SET_CLASSES classes (the embedded Fashion-MNIST subset a fake
+# run's config names) of SET_SIZE px patterns.
+SET_SIZE, SET_CLASSES = 16, 10
+
+
+def pattern(cls: int, size: int = SET_SIZE, noise: float = 0.1, generator=None) -> torch.Tensor:
+    """A grey image whose bright row band encodes the class: easy to learn, easy to check."""
+    img = noise * torch.rand(1, size, size, generator=generator)
+    band = size // SET_CLASSES + 1
+    start = (cls * size) // SET_CLASSES
+    img[:, start : start + band] += 0.8
+    return img.clamp(0, 1)
+
+
+def write_set(root, stages: int, per_stage: int, single_stage: bool = False, seed: int = 0) -> None:
+    """Images and records in the lgd.rundir layout; single_stage = a baseline made in one go."""
+    g = torch.Generator().manual_seed(seed)
+    for stage in range(1, stages + 1):
+        for cls in range(SET_CLASSES):
+            for k in range(per_stage):
+                slot = (stage - 1) * per_stage + k
+                st = 1 if single_stage else stage
+                write_png(root / image_name(st, cls, slot), pattern(cls, generator=g))
+                write_json(root / record_name(st, cls, slot),
+                           {"file": image_name(st, cls, slot), "stage": st, "class": cls, "slot": slot})

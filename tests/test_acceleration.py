@@ -18,11 +18,11 @@ from lgd.config import load_config
 from lgd.errors import ConfigError
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance, InfluenceLoss, LearnabilityGuidance
 from lgd.guidance.influence import class_mean_gradients
-from lgd.models import create_dit
 from lgd.models.dit import DiT
 from lgd.models.vae import IdentityCodec, LatentCodec
 from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
+from tests import helpers
 from tests.helpers import tiny_dit_file, tiny_vae_folder
 
 CLASSES, BATCH, CFG, STEPS = 3, 2, 4.0, 4
@@ -42,25 +42,11 @@ def _fresh_dynamo():
 def tiny_dit(seed: int = 0) -> DiT:
     """The DiT's own initialisation, the zero-initialised adaLN-Zero/output layers made small
     random, so the output depends on every input and sampling stays in range."""
-    torch.manual_seed(seed)
-    dit = create_dit("DiT-T/2", input_size=LATENT[1], num_classes=CLASSES)
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return dit.eval().requires_grad_(False)
+    return helpers.tiny_dit(seed, input_size=LATENT[1], num_classes=CLASSES).eval().requires_grad_(False)
 
 
 def tiny_codec(seed: int = 0) -> LatentCodec:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT[0], down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=8,
-        sample_size=8,
-    )
-    return LatentCodec(vae).eval()
+    return LatentCodec(helpers.tiny_vae(3, seed=seed, sample_size=8)).eval()
 
 
 def tiny_classifier(seed: int) -> torch.nn.Module:

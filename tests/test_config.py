@@ -55,8 +55,6 @@ def test_yaml_file_with_preset_base(tmp_path):
         ("lgd.stage_model.network=vgg", "vgg"),
         ("eval.networks=[convnet3, vgg]", "vgg"),
         ("data.name=cifar", "cifar"),
-        ("model.dit=/no/such/file.pt", "/no/such/file.pt"),
-        ("data.root=/no/such/folder", "/no/such/folder"),
         ("data.name=imagenette", "data.root is required"),
         ("device=tpu", "device"),
         ("lgd.nonsense=1", "unknown config key"),
@@ -67,6 +65,21 @@ def test_yaml_file_with_preset_base(tmp_path):
 def test_each_bad_value_is_rejected_with_a_clear_message(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config("demo", [override])
+
+
+def test_validation_is_pure_files_are_checked_where_they_are_opened(tmp_path):
+    """validate checks values only: a config naming files that are not on this machine loads
+    (lgd distill's loaders name them before anything is written, see test_cli.py), and a run
+    directory is evaluated with its own model paths, not ones forced to exist."""
+    from lgd.evaluation import load_run_config
+    from lgd.rundir import RunDir
+
+    missing = ["model.dit=/no/such/file.pt", "model.vae=/no/such/vae", "data.name=imagefolder",
+               "data.root=/no/such/folder"]
+    config = load_config("demo", missing)
+    assert (config.model.dit, config.data.root) == ("/no/such/file.pt", "/no/such/folder")
+    RunDir(tmp_path).claim(config)
+    assert load_run_config(tmp_path).model.dit == "/no/such/file.pt"
 
 
 def test_unknown_preset_or_file():

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from lgd.data import load_dataset
-from lgd.demo.models import IMAGE_SIZE, NUM_CLASSES, demo_paths, load_demo_dit, load_demo_vae
+from lgd.demo.models import IMAGE_SIZE, NUM_CLASSES, demo_paths, load_demo_dit
+from lgd.models.vae import load_vae
 from lgd.demo.train import generate, psnr
 from lgd.errors import CheckpointError
 
@@ -15,7 +16,7 @@ MAX_SHIPPED_BYTES = 8 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def vae():
-    return load_demo_vae()
+    return load_vae(demo_paths()["vae"])
 
 
 @pytest.fixture(scope="module")

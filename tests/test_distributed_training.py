@@ -105,7 +105,7 @@ def test_ddp_training_keeps_ranks_equal_and_follows_the_one_process_recipe(tmp_p
 
 def fake_run(root: Path) -> Path:
     """A run directory with an LGD set and a DiT baseline (tests/test_evaluation.py's layout)."""
-    from tests.test_evaluation import write_set
+    from tests.helpers import write_set
 
     write_set(root, stages=2, per_stage=1)
     write_set(root / "baselines" / "dit", stages=2, per_stage=1, single_stage=True, seed=1)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+from tests.helpers import tiny_vae
 from diffusers.models.embeddings import get_timestep_embedding
 
 from lgd.errors import CheckpointError, ConfigError
@@ -66,8 +68,7 @@ def diffusers_ref():
 
 
 def _tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                         block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    return tiny_vae(blocks=(8,), seed=None)
 
 
 def _write(fmt: str, ref: DiTTransformer2DModel, tmp_path):

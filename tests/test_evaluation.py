@@ -27,36 +27,12 @@ from lgd.evaluation import (
     training_dynamics,
     write_report,
 )
-from lgd.files import write_json, write_png
-from lgd.rundir import SyntheticSet, image_name, load_synthetic, record_name
-
-SIZE = 16
-CLASSES = 10  # the embedded Fashion-MNIST subset the fake run's config names
+from lgd.files import write_json
+from lgd.rundir import SyntheticSet, load_synthetic
+from tests.helpers import SET_CLASSES as CLASSES, SET_SIZE as SIZE, pattern, write_set
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def pattern(cls: int, size: int = SIZE, noise: float = 0.1, generator=None) -> torch.Tensor:
-    """A grey image whose bright row band encodes the class: easy to learn, easy to check."""
-    img = noise * torch.rand(1, size, size, generator=generator)
-    band = size // CLASSES + 1
-    start = (cls * size) // CLASSES
-    img[:, start : start + band] += 0.8
-    return img.clamp(0, 1)
-
-
-def write_set(root, stages: int, per_stage: int, single_stage: bool = False, seed: int = 0) -> None:
-    """Images and records in the lgd.rundir layout; single_stage = a baseline made in one go."""
-    g = torch.Generator().manual_seed(seed)
-    for stage in range(1, stages + 1):
-        for cls in range(CLASSES):
-            for k in range(per_stage):
-                slot = (stage - 1) * per_stage + k
-                st = 1 if single_stage else stage
-                write_png(root / image_name(st, cls, slot), pattern(cls, generator=g))
-                write_json(root / record_name(st, cls, slot),
-                           {"file": image_name(st, cls, slot), "stage": st, "class": cls, "slot": slot})
 
 
 @pytest.fixture

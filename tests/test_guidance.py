@@ -8,11 +8,10 @@ from lgd.kernels.learnability import group_winners
 from lgd.guidance.deviation import cosine_gradient
 from lgd.guidance.influence import select_checkpoints
 from lgd.kernels.policy import kernel_mode
-from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
 from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
-from tests.helpers import influence_setup, tiny_net
+from tests.helpers import influence_setup, tiny_dit, tiny_net
 
 
 def test_influence_gradient_matches_finite_differences():
@@ -94,12 +93,7 @@ def test_rank_selection_is_the_first_argmax_of_each_group():
 
 
 def learnability_sampler():
-    torch.manual_seed(0)
-    dit = create_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=3, learn_sigma=True).eval()
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
+    dit = tiny_dit(0, input_size=8, in_channels=1, learn_sigma=True).eval()
     return Sampler(dit.requires_grad_(False), SamplerSettings(steps=10, cfg_scale=2.0), (1, 8, 8))
 
 

@@ -16,6 +16,8 @@ from lgd.models import create_dit
 from lgd.models.vae import LatentCodec
 from lgd.diffusion.sampler import Sampler, SamplerSettings
 
+from tests.helpers import tiny_vae
+
 META = torch.device("meta")
 aten = torch.ops.aten
 STEPS, BATCH, CLASSES = 4, 3, 3
@@ -48,13 +50,9 @@ class MetaNoise:
 
 
 def _models():
-    from diffusers import AutoencoderKL
-
     with META:
         dit = create_dit("DiT-T/2", input_size=4, num_classes=CLASSES).eval().requires_grad_(False)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            layers_per_block=1, norm_num_groups=8, sample_size=8)
+        vae = tiny_vae(3, seed=None, sample_size=8)
     codec = LatentCodec(vae, scale=0.18215).eval().requires_grad_(False)
     classifier = lambda: build_classifier("convnet3", 3, CLASSES, 8, width=8).to(META).eval().requires_grad_(False)
     return dit, codec, classifier

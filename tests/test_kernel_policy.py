@@ -97,16 +97,15 @@ def test_dispatch_follows_the_policy(monkeypatch):
 
 
 def test_decoder_norms_are_swapped_only_where_the_triton_kernel_runs(monkeypatch):
-    from diffusers import AutoencoderKL
-
     from lgd.acceleration import apply_speedups
     from lgd.kernels.group_norm_silu import GroupNormSiLU
     from lgd.models import create_dit
+    from tests.helpers import tiny_vae
     from lgd.models.vae import LatentCodec
 
     def fused_norms(route):
         monkeypatch.setattr(policy, "backend", lambda kernel, device: route)
-        vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4, layers_per_block=1)
+        vae = tiny_vae(blocks=(8,), groups=4, seed=None)
         codec = LatentCodec(vae)
         apply_speedups(create_dit("DiT-T/2", input_size=4, num_classes=3), codec)
         return sum(isinstance(m, GroupNormSiLU) for m in vae.decoder.modules())

@@ -17,6 +17,8 @@ import torch
 from lgd.kernels import adaln_norm, group_norm_silu as gns, learnability as lrn, policy
 from lgd.kernels._common import HAS_TRITON, LOW_PRECISION, KernelInputError, flash_rule
 
+from tests.helpers import tiny_vae
+
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
 DTYPES = (torch.float32,) + LOW_PRECISION
@@ -231,13 +233,7 @@ def test_group_norm_silu_rejects_bad_inputs():
 
 
 def _tiny_decoder():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1)
-    return vae.decoder.eval().requires_grad_(False)
+    return tiny_vae(blocks=(8, 16), groups=4).decoder.eval().requires_grad_(False)
 
 
 def test_fused_decoder_matches_plain_decoder(monkeypatch):

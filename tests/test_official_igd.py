@@ -13,10 +13,10 @@ from torch.func import functional_call
 
 from lgd.diffusion import Diffusion
 from lgd.guidance import ClassMemory, Deviation, InfluenceGuidance
-from lgd.models import create_dit
 from lgd.models.vae import IdentityCodec
 from lgd.diffusion.sampler import NullRow, Sampler, SamplerSettings
 from lgd.seeding import NoiseStream
+from tests import helpers
 from tests.helpers import influence_setup
 
 STEPS, CFG, K, RHO = 6, 3.0, 5.0, 0.0015
@@ -24,13 +24,7 @@ SHAPE = (1, 8, 8)  # a pixel-space DiT on 1-channel 8x8 "images" (identity codec
 
 
 def tiny_dit():
-    torch.manual_seed(0)
-    dit = create_dit("DiT-T/2", input_size=8, in_channels=1, num_classes=3)
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return dit.eval().requires_grad_(False)
+    return helpers.tiny_dit(0, input_size=8, in_channels=1).eval().requires_grad_(False)
 
 
 def official_correction(dit, loss, x_cond, x_null, i, label):

@@ -12,7 +12,6 @@ import torch
 
 from lgd.errors import CheckpointError
 from lgd.models import DiT, load_dit
-from lgd.models.vae import LatentCodec, load_vae
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
 IMAGE_SIZE = 32  # Fashion-MNIST's 28 px resized (bilinear, antialiased)
@@ -30,10 +29,6 @@ def demo_paths(root: str | Path = ASSETS) -> dict[str, Path]:
             "`python -m lgd.demo.train vae` and `python -m lgd.demo.train dit`"
         )
     return paths
-
-
-def load_demo_vae(device: str | torch.device = "cpu", root: str | Path = ASSETS) -> LatentCodec:
-    return load_vae(demo_paths(root)["vae"], device=device)
 
 
 def load_demo_dit(device: str | torch.device = "cpu", root: str | Path = ASSETS) -> DiT:

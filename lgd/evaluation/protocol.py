@@ -72,8 +72,7 @@ SET_TITLES = {"random": "Random", "dit": "DiT", "igd": "IGD", "lgd": "LGD"}
 def load_run_config(run: str | Path, overrides: list[str] | None = None) -> Config:
     """RUN/config.yaml, validated, with `eval.key=value` overrides (how to evaluate; the fields
     that define the images are the run's and cannot be overridden here). Evaluation never
-    loads the generator, so its weights need not exist on this machine: the model paths are
-    replaced by the embedded demo ones."""
+    loads the generator, so its weights need not exist on this machine."""
     run = Path(run)
     for item in overrides or []:
         if not item.startswith("eval."):
@@ -84,7 +83,7 @@ def load_run_config(run: str | Path, overrides: list[str] | None = None) -> Conf
     path = run / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run} is not a run directory (lgd distill writes config.yaml first)")
-    return load_config(path, ["model.dit=demo", "model.vae=demo", *(overrides or [])])
+    return load_config(path, overrides)
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
