@@ -1135,12 +1135,12 @@ ANALYZE_NETWORK, ANALYZED_SETS = "convnet6", 3  # lgd analyze runs on the lgd, d
 
 def generated_images(c: Config, ipc: int) -> dict[str, dict[str, int]]:
     """Images sampled by each method, split into the distillation's stages and the baselines
-    (a baseline of the seed's method shares the seed stage's images)."""
+    (a baseline of the seed's method shares the initial stage's images)."""
     per_stage = NUM_CLASSES * c.stages.increment
     stages = {"lgd": (ipc // c.stages.increment - 1) * per_stage * c.lgd.kappa, "igd": 0, "dit": 0}
-    if c.stages.seed in ("igd", "dit"):
-        stages[c.stages.seed] = per_stage
-    baselines = {name: NUM_CLASSES * ipc - (per_stage if name == c.stages.seed else 0)
+    if c.stages.initial in ("igd", "dit"):
+        stages[c.stages.initial] = per_stage
+    baselines = {name: NUM_CLASSES * ipc - (per_stage if name == c.stages.initial else 0)
                  for name in c.eval.baselines if name in ("igd", "dit")}
     return {"stages": stages, "baselines": {"lgd": 0, "igd": 0, "dit": 0, **baselines}}
 

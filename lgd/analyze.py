@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ANALYSES = ("cross", "dynamics", "cartography")  # as lgd.evaluation.ANALYSES; keeps the parser light
+ANALYSES = ("cross", "dynamics", "cartography")  # as lgd.assessment.ANALYSES; keeps the parser light
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from lgd.evaluation import analyze_run, check_finished, load_run_config, write_report
+    from lgd.assessment import analyze_run, check_finished, load_run_config, write_report
     from lgd.runtime import resolve_device
 
     config = load_run_config(args.run_dir, args.overrides)

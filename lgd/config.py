@@ -151,7 +151,7 @@ class IGDSection:
 class StagesSection:
     ipc: int = 50
     increment: int = 10
-    seed: str = "igd"  # igd | dit | random
+    initial: str = "igd"  # the method of the initial increment D_1: igd | dit | random
 
 
 @dataclass
@@ -196,10 +196,25 @@ class Config:
     def from_dict(cls, data: dict) -> "Config":
         """A (possibly partial) config dict; missing fields take their defaults, unknown keys
         are refused. Not validated: call `validate` for that."""
-        return _build(cls, data, "")
+        return _build(cls, _renamed(data), "")
 
 
 PRESETS = ("demo", "nette", "woof", "imagenet1k")
+# Keys renamed since a run directory may have been written: old name -> new name.
+RENAMED = {"stages.seed": "stages.initial"}  # "seed" also named the integer seed
+
+
+def _renamed(data: dict) -> dict:
+    """`data` with renamed keys under their new names (config files and old run directories)."""
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        values = data.get(section)
+        if isinstance(values, dict) and key in values:
+            values = dict(values)
+            value = values.pop(key)
+            values[new.split(".")[1]] = value
+            data = {**data, section: values}
+    return data
 
 
 def _plain(value):
@@ -297,7 +312,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    config = _build(Config, data, "")
+    config = _build(Config, _renamed(data), "")
     validate(config)
     return config
 
@@ -398,7 +413,7 @@ def validate(config: Config) -> None:
     _check(st.increment >= 1, f"stages.increment must be at least 1, got {st.increment}")
     _check(st.ipc >= st.increment and st.ipc % st.increment == 0,
            f"stages.ipc ({st.ipc}) must be a positive multiple of stages.increment ({st.increment})")
-    _check(st.seed in ("igd", "dit", "random"), f"stages.seed must be igd, dit or random, got {st.seed!r}")
+    _check(st.initial in ("igd", "dit", "random"), f"stages.initial must be igd, dit or random, got {st.initial!r}")
     g = config.lgd
     _check(g.omega >= 0, f"lgd.omega must be non-negative, got {g.omega}")
     _check(g.lam >= 0, f"lgd.lam must be non-negative, got {g.lam}")

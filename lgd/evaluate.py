@@ -20,7 +20,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 
-SETS = ("random", "dit", "igd", "lgd")  # as lgd.evaluation.SET_ORDER; here so building the parser stays light
+SETS = ("random", "dit", "igd", "lgd")  # as lgd.assessment.SET_ORDER; here so building the parser stays light
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    from lgd.evaluation import check_finished, evaluate_run, load_run_config, write_report
+    from lgd.assessment import check_finished, evaluate_run, load_run_config, write_report
     from lgd.runtime import Runtime
 
     config = load_run_config(args.run_dir, args.overrides)

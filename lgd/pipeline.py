@@ -1,6 +1,6 @@
-"""The LGD distillation run (docs/method.md §3): seed increment, then learnability-guided stages.
+"""The LGD distillation run (docs/method.md §3): initial increment, then learnability-guided stages.
 
-    D_1 = seed increment (IGD, plain DiT or random real)
+    D_1 = initial increment (IGD, plain DiT or random real)
     theta* = reference classifier trained on the real data
     for stage k = 2 .. K:
         theta_{k-1} = classifier trained from scratch on D_{k-1}
@@ -118,7 +118,7 @@ class Distiller:
         self.prepare()
         c = self.config
         memory = ClassMemory(c.lgd.memory)
-        self.seed_increment(self.run, c.stages.seed, range(c.stages.increment), memory)
+        self.initial_increment(self.run, c.stages.initial, range(c.stages.increment), memory)
         if self.stages > 1:
             reference = self.classifiers.classifier("reference", c.lgd.reference_model, self.train_set, ipc=None)
             for stage in range(2, self.stages + 1):
@@ -129,8 +129,8 @@ class Distiller:
         if self.runtime.is_main:
             self.run.mark_done(c.stages.ipc * self.num_classes, self.stages)
 
-    # --- the seed increment, the LGD stages and the baselines ---------------------------
-    def seed_increment(self, root: RunDir, method: str, slots: range, memory: ClassMemory) -> None:
+    # --- the initial increment, the LGD stages and the baselines ---------------------------
+    def initial_increment(self, root: RunDir, method: str, slots: range, memory: ClassMemory) -> None:
         if method == "random":
             self.write_real(root, 1, slots, memory)
         elif method == "dit":
@@ -153,12 +153,12 @@ class Distiller:
         self.generate(self.run, stage, range((stage - 1) * inc, stage * inc), memory, "lgd", make, c.lgd.kappa, score)
 
     def baseline(self, name: str) -> None:
-        """A full-IPC set of one baseline method under baselines/<name>; shares the seed stage's files."""
+        """A full-IPC set of one baseline method under baselines/<name>; shares the initial stage's files."""
         root = self.run.sub(f"baselines/{name}")
-        if name == self.config.stages.seed and self.runtime.is_main:
+        if name == self.config.stages.initial and self.runtime.is_main:
             root.share_seed_stage(self.run)
         self.runtime.barrier()
-        self.seed_increment(root, name, range(self.config.stages.ipc), ClassMemory(self.config.lgd.memory))
+        self.initial_increment(root, name, range(self.config.stages.ipc), ClassMemory(self.config.lgd.memory))
 
     def guidance(self, kind: str, memory: ClassMemory, **models) -> GuidanceFactory:
         if kind == "igd":

@@ -162,7 +162,7 @@ class RunDir:
             write_json(self.path / record_name(f.stage, f.cls, f.slot), f.record)
 
     def share_seed_stage(self, run: "RunDir") -> None:
-        """Link every finished seed-stage image of `run` into this folder (a baseline of the seed method)."""
+        """Link every finished initial-stage image of `run` into this folder (a baseline of the initial increment's method)."""
         for record in sorted((run / "records" / "01").glob("*.json")):
             cls, slot = (int(p) for p in record.stem.split("-"))
             for rel in (image_name(1, cls, slot), latent_name(1, cls, slot), record_name(1, cls, slot)):
@@ -209,7 +209,7 @@ class SyntheticSet:
 
     images: torch.Tensor  # float32 [N, C, H, W]
     labels: torch.Tensor  # long [N]
-    increments: torch.Tensor  # long [N], stage index (1 = seed increment)
+    increments: torch.Tensor  # long [N], stage index (1 = initial increment)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -85,7 +85,7 @@ def tiny_overrides(models, **extra) -> list[str]:
     values = {
         "model.dit": str(dit), "model.vae": str(vae), "data.image_size": 8,
         "sampling.steps": 6, "sampling.cfg_scale": 2.0, "sampling.batch_size": 2,  # one round per slot: 2 rounds per stage
-        "stages.ipc": 4, "stages.increment": 2, "stages.seed": "igd",
+        "stages.ipc": 4, "stages.increment": 2, "stages.initial": "igd",
         "lgd.kappa": 2, "lgd.window": [1, 4], "lgd.rho_scale": 0.01, "lgd.gamma": 0.5, "igd.gamma": 0.5,
         "lgd.stage_model": {"network": "convnet3", "recipe": "plain", "epochs": 2, "batch_size": 32},
         "lgd.reference_model": {"network": "convnet3", "recipe": "plain", "epochs": 1, "batch_size": 128},

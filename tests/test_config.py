@@ -33,7 +33,7 @@ def test_yaml_file_with_preset_base(tmp_path):
     [
         ("stages.ipc=9", "multiple of stages.increment"),
         ("stages.increment=0", "stages.increment"),
-        ("stages.seed=gan", "stages.seed"),
+        ("stages.initial=gan", "stages.initial"),
         ("lgd.window=[10, 50]", "lgd.window"),
         ("lgd.window=[30, 20]", "lgd.window"),
         ("igd.window=[-1, 20]", "igd.window"),
@@ -71,7 +71,7 @@ def test_validation_is_pure_files_are_checked_where_they_are_opened(tmp_path):
     """validate checks values only: a config naming files that are not on this machine loads
     (lgd distill's loaders name them before anything is written, see test_cli.py), and a run
     directory is evaluated with its own model paths, not ones forced to exist."""
-    from lgd.evaluation import load_run_config
+    from lgd.assessment import load_run_config
     from lgd.rundir import RunDir
 
     missing = ["model.dit=/no/such/file.pt", "model.vae=/no/such/vae", "data.name=imagefolder",
@@ -108,3 +108,12 @@ def test_attention_field_reaches_the_dit(tmp_path):
 
     config = load_config("demo", ["model.attention=math"])
     assert load_generator(config, "cpu").dit.attention_backend == "math"
+
+
+def test_renamed_keys_are_read_under_their_new_name():
+    """stages.seed (the initial increment's method, easily taken for the integer seed) is now
+    stages.initial; config files and run directories written with the old name still load."""
+    assert load_config("demo", ["stages.seed=dit"]).stages.initial == "dit"
+    assert Config.from_dict({"stages": {"seed": "random"}}).stages.initial == "random"
+    with pytest.raises(ConfigError, match="stages.initial must be igd, dit or random"):
+        load_config("demo", ["stages.seed=gan"])

@@ -110,7 +110,7 @@ def fake_run(root: Path) -> Path:
     write_set(root, stages=2, per_stage=1)
     write_set(root / "baselines" / "dit", stages=2, per_stage=1, single_stage=True, seed=1)
     config = {"seed": 0, "device": "cpu", "data": {"name": "fashion_mnist_embedded", "image_size": 16},
-              "stages": {"ipc": 2, "increment": 1, "seed": "dit"},
+              "stages": {"ipc": 2, "increment": 1, "initial": "dit"},
               "eval": {"networks": ["convnet3"], "runs": 1, "baselines": ["random", "dit"],
                        "recipe": {"recipe": "plain", "epochs": 2, "batch_size": 8}}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))

@@ -15,7 +15,7 @@ from lgd.classifiers import build_classifier
 from lgd.config import TrainSection
 from lgd.data import TensorImageDataset
 from lgd.errors import ConfigError
-from lgd.evaluation import (
+from lgd.assessment import (
     analyze_run,
     cartography_regions,
     cartography_shares,
@@ -44,7 +44,7 @@ def run_dir(tmp_path):
         "seed": 0,
         "device": "cpu",
         "data": {"name": "fashion_mnist_embedded", "image_size": SIZE},
-        "stages": {"ipc": 2, "increment": 1, "seed": "dit"},
+        "stages": {"ipc": 2, "increment": 1, "initial": "dit"},
         "eval": {"networks": ["convnet3"], "runs": 2, "baselines": ["random", "dit", "igd"],
                  "recipe": {"recipe": "plain", "epochs": 1, "batch_size": 8},
                  "periodic_tests": 0},  # the tests of best-epoch reporting turn them on
@@ -235,7 +235,7 @@ def test_a_rerun_reuses_finished_trainings_and_retrains_stale_ones(run_dir, monk
     records = sorted((run_dir / "eval" / "trainings").glob("*.json"))
     assert len(records) == 6  # convnet3 x (random, dit, lgd) x 2 runs
 
-    import lgd.evaluation.protocol as protocol
+    import lgd.assessment.accuracy as protocol
 
     trained = []
     real = protocol.train_classifiers
@@ -313,7 +313,7 @@ def test_a_rerun_of_analyze_keeps_finished_analyses(run_dir, monkeypatch):
     kwargs = dict(sets=["lgd"], epochs=1, dynamics_epochs=1, test_data=tiny_data(seed=1),
                   model_overrides={"width": 8}, progress=False)
     first = analyze_run(run_dir, config, **kwargs)["sets"]["lgd"]
-    import lgd.evaluation.analyses as analyses
+    import lgd.assessment.redundancy as analyses
 
     calls = []
     for name in ("train_classifier", "train_classifiers"):
@@ -370,7 +370,7 @@ def test_test_view_resizes_or_crops_the_real_test_images(tmp_path):
     data.image_size and centre-cropped. On an ImageNet-layout folder the two differ."""
     from PIL import Image
 
-    from lgd.evaluation.protocol import center_crop, materialise
+    from lgd.assessment.accuracy import center_crop, materialise
     from lgd.data import load_dataset
 
     root = tmp_path / "imagefolder"
@@ -429,7 +429,7 @@ def test_a_torchvision_resnet18_teacher_loads_and_reads_the_subset_classes(tmp_p
         IMAGENET_MEAN, IMAGENET_STD, TorchvisionResNet18, load_torchvision_resnet18)
     from lgd.config import Config
     from lgd.errors import CheckpointError
-    from lgd.evaluation.protocol import load_teacher
+    from lgd.assessment.accuracy import load_teacher
 
     torch.manual_seed(0)
     net = TorchvisionResNet18(3, 1000, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD).eval()  # torchvision's inputs

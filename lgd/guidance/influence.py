@@ -1,4 +1,4 @@
-"""Influence guidance (IGD, docs/method.md §5): the seed increment and a baseline.
+"""Influence guidance (IGD, docs/method.md §5): the initial increment and a baseline.
 
 A generated image should give a surrogate classifier the training gradient that real
 images of its class give. For checkpoints theta_e of the surrogate's training trajectory:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lgd.evaluation.protocol import SET_ORDER, SET_TITLES
+from lgd.assessment.accuracy import SET_ORDER, SET_TITLES
 from lgd.files import atomic_path, read_json
 
 NETWORK_TITLES = {

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from lgd.classifiers import ClassifierFactory
 from lgd.config import Config, TrainSection
 from lgd.errors import ConfigError
-from lgd.evaluation.protocol import (
+from lgd.assessment.accuracy import (
     SET_TITLES,
     fingerprint,
     images_per_class,

@@ -1,5 +1,6 @@
-"""Evaluation of a run directory: the accuracy protocol, the paper's analyses, the report."""
-from lgd.evaluation.analyses import (
+"""Assessing a distilled set: the accuracy protocol (`accuracy`, run by `lgd evaluate`), the
+paper's redundancy analyses (`redundancy`, run by `lgd analyze`) and the report of both."""
+from lgd.assessment.redundancy import (
     ANALYSES,
     analyze_run,
     cartography_regions,
@@ -9,7 +10,7 @@ from lgd.evaluation.analyses import (
     increment_ids,
     training_dynamics,
 )
-from lgd.evaluation.protocol import (
+from lgd.assessment.accuracy import (
     SET_ORDER,
     SET_TITLES,
     check_finished,
@@ -17,7 +18,7 @@ from lgd.evaluation.protocol import (
     load_image_sets,
     load_run_config,
 )
-from lgd.evaluation.report import write_report
+from lgd.assessment.report import write_report
 
 __all__ = [
     "ANALYSES",
