@@ -1,5 +1,5 @@
 """Images/s of WHOLE guided sampling of one unit, fast (one batch) vs reference (one image at a
-time), LGD and IGD, through the pipeline's own `Distiller.sample_candidates`.
+time), LGD and IGD, through the pipeline's own `CandidateGenerator.sample` (lgd/candidates.py).
 
     pytest benchmarks/bench_guided_sampling.py --benchmark-only -q
 

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_benchmarks_run():
     suites = [f"benchmarks/bench_{name}.py" for name in ("guided_step", "guided_sampling", "guided_memory")]
     proc = subprocess.run(

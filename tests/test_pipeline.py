@@ -90,6 +90,7 @@ def test_resume_fills_fields_added_since_the_run_started(tmp_path):
         RunDir(tmp_path).claim(config)
 
 
+@pytest.mark.slow
 def test_resumed_after_kill_equals_uninterrupted(tiny_models, tmp_path):
     """Kill the run (SIGKILL) in the middle of the LGD stage, rerun the command, compare."""
     overrides = tiny_overrides(tiny_models, **{"eval.baselines": []})

@@ -89,7 +89,7 @@ def test_training_loss_is_the_kl_to_the_teacher_on_the_augmented_batch():
     augmented images: RandomResizedCrop (scale 0.5-1) + flip, then CutMix, from the generator."""
     x, y = tiny_set(16)
     student, teacher = net(), teacher_net().eval()
-    loss_fn = _loss_fn("soft_label", student, SIZE, torch.Generator().manual_seed(5), teacher=teacher, temperature=3.0)
+    loss_fn = _loss_fn("soft_label", student, torch.Generator().manual_seed(5), teacher=teacher, temperature=3.0)
     loss = loss_fn(x, y)
 
     g = torch.Generator().manual_seed(5)
