@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lgd", description="Learnability-Guided Diffusion dataset distillation")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        importlib.import_module(module).add_arguments(commands.add_parser(name, help=help_text))
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        importlib.import_module(module).add_arguments(sub)
     return parser
 
 
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except LgdError as exc:
         print(f"lgd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Finished images and trainings are on disk (every write is atomic): the same command resumes.
+        print(f"lgd {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     if result is not None:
         print(result)
     return 0

@@ -1,14 +1,22 @@
 """`lgd analyze`: the paper's analyses (docs/method.md §9) of a run directory, then the report.
 
     python -m lgd analyze runs/nette --sets lgd dit igd --network convnet6 --device cuda
+    python lgd/analyze.py runs/nette
 
 Cross-increment matrix, training dynamics and data cartography of each image set, merged
 into RUN/eval/analyses.json with their plots; RUN/eval/report.md is rewritten.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (python lgd/analyze.py): import the installed package rather than
+    # letting lgd/'s own modules shadow the standard library.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
 
 ANALYSES = ("cross", "dynamics", "cartography")  # as lgd.assessment.ANALYSES; keeps the parser light
 
@@ -40,3 +48,13 @@ def run(args: argparse.Namespace) -> Path:
                 epochs=args.epochs, dynamics_epochs=args.dynamics_epochs, eval_every=args.eval_every,
                 device=resolve_device(args.device or config.device), progress=not args.no_progress)
     return write_report(args.run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lgd.__main__ import main as lgd_main
+
+    return lgd_main(["analyze", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,7 +43,7 @@ class ClassifierCache:
 
     def must_train(self, section: TrainSection, name: str) -> bool:
         """Whether this rank takes part in training the classifier cached as `name`."""
-        exists = self.run.model_path(name).exists()
+        exists = self.runtime.is_main and self.run.has_model(name)  # only the main process reads it here
         if not self.together(section):
             return self.runtime.is_main and not exists
         return not self.runtime.share(exists)  # the main process's view, so all ranks agree

@@ -5,7 +5,10 @@ the papers leave open is a field here.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -230,13 +233,17 @@ def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(f'{where}{k}' for k in unknown)}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = Problems()
+    for key in sorted(set(data) - set(names), key=str):
+        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+        problems.add(f"unknown config key {where}{key}" + (f" (did you mean {where}{close[0]}?)" if close else ""))
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+        if name in names:
+            with problems.collect():
+                kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    problems.raise_if_any()
     return cls(**kwargs)
 
 
@@ -259,6 +266,11 @@ def _coerce(hint, value, where: str):
         return [_coerce(args[0], v, where) for v in value]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and isinstance(value, bool) or hint in (int, str) and type(value) is hint:
         return value
     raise ConfigError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
@@ -301,8 +313,13 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
         elif path.is_file():
             try:
                 data = yaml.safe_load(path.read_text()) or {}
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path} is not a text file: a config is YAML (see lgd/configs/demo.yaml)") from None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+                raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path} must hold a mapping of sections (sampling:, lgd:, ...), "
+                                  f"not a {type(data).__name__}")
             if "preset" in data:
                 data = _merge(read_preset(data.pop("preset")), data)
         else:
@@ -315,6 +332,33 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     config = _build(Config, _renamed(data), "")
     validate(config)
     return config
+
+
+class Problems:
+    """Collects config errors so that a command reports all of them in one message."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.add(message)
+
+    def add(self, message: str) -> None:
+        if message not in self.messages:
+            self.messages.append(message)
+
+    @contextlib.contextmanager
+    def collect(self):
+        """A ConfigError raised inside is one more problem; the block stops at its first one."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.add(str(exc))
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise ConfigError("; ".join(self.messages))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -389,76 +433,90 @@ def _check_attention(config: Config) -> None:
 
 def validate(config: Config) -> None:
     """Reject every bad value or combination before any work starts. Pure: files and folders
-    are checked by the code that opens them (lgd distill opens them before it writes anything)."""
+    are checked by the code that opens them (lgd distill opens them before it writes anything).
+    Every problem found is reported, in one message."""
+    problems = Problems()
+    check = problems.check
     s = config.sampling
     from lgd.diffusion.sampler import SamplerSettings
 
-    SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta).validate()
-    _check(s.batch_size >= 1, "sampling.batch_size must be at least 1")
-    _check(s.round_slots >= 1, f"sampling.round_slots must be at least 1, got {s.round_slots}")
-    _check(s.engine in ("fast", "reference"), f"sampling.engine must be fast or reference, got {s.engine!r}")
+    with problems.collect():
+        SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta).validate()
+    check(s.batch_size >= 1, "sampling.batch_size must be at least 1")
+    check(s.round_slots >= 1, f"sampling.round_slots must be at least 1, got {s.round_slots}")
+    check(s.engine in ("fast", "reference"), f"sampling.engine must be fast or reference, got {s.engine!r}")
     from lgd.acceleration import PRECISIONS
 
-    _check(s.precision in PRECISIONS,
-           f"sampling.precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
-    _check(s.engine == "fast" or (not s.compile and s.precision in ("auto", "fp32") and not s.checkpoint_decoder),
-           "sampling.engine=reference is plain eager fp32: it cannot be combined with sampling.compile=true, "
-           f"sampling.checkpoint_decoder=true or sampling.precision={s.precision}")
+    check(s.precision in PRECISIONS,
+          f"sampling.precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
+    check(s.engine == "fast" or (not s.compile and s.precision in ("auto", "fp32") and not s.checkpoint_decoder),
+          "sampling.engine=reference is plain eager fp32: it cannot be combined with sampling.compile=true, "
+          f"sampling.checkpoint_decoder=true or sampling.precision={s.precision}")
     from lgd.kernels.policy import resolve_mode
 
-    resolve_mode(s.kernels)
-    _check_attention(config)
-    _check(config.distributed_timeout > 0, f"distributed_timeout must be positive (minutes), got {config.distributed_timeout}")
+    with problems.collect():
+        resolve_mode(s.kernels)
+    with problems.collect():
+        _check_attention(config)
+    check(config.distributed_timeout > 0, f"distributed_timeout must be positive (minutes), got {config.distributed_timeout}")
     st = config.stages
-    _check(st.increment >= 1, f"stages.increment must be at least 1, got {st.increment}")
-    _check(st.ipc >= st.increment and st.ipc % st.increment == 0,
-           f"stages.ipc ({st.ipc}) must be a positive multiple of stages.increment ({st.increment})")
-    _check(st.initial in ("igd", "dit", "random"), f"stages.initial must be igd, dit or random, got {st.initial!r}")
+    check(st.increment >= 1, f"stages.increment must be at least 1, got {st.increment}")
+    check(st.increment < 1 or (st.ipc >= st.increment and st.ipc % st.increment == 0),
+          f"stages.ipc ({st.ipc}) must be a positive multiple of stages.increment ({st.increment})")
+    check(st.initial in ("igd", "dit", "random"), f"stages.initial must be igd, dit or random, got {st.initial!r}")
     g = config.lgd
-    _check(g.omega >= 0, f"lgd.omega must be non-negative, got {g.omega}")
-    _check(g.lam >= 0, f"lgd.lam must be non-negative, got {g.lam}")
-    _check(g.rho_scale > 0, f"lgd.rho_scale must be positive, got {g.rho_scale}")
-    _check(g.gamma >= 0, f"lgd.gamma must be non-negative, got {g.gamma}")
-    _check(g.kappa >= 1, f"lgd.kappa must be at least 1, got {g.kappa}")
-    _check(g.memory >= 1, f"lgd.memory must be at least 1, got {g.memory}")
-    _check_window(g.window, s.steps, "lgd")
-    _check_recipe(g.stage_model, "lgd.stage_model")
-    _check_recipe(g.reference_model, "lgd.reference_model")
+    check(g.omega >= 0, f"lgd.omega must be non-negative, got {g.omega}")
+    check(g.lam >= 0, f"lgd.lam must be non-negative, got {g.lam}")
+    check(g.rho_scale > 0, f"lgd.rho_scale must be positive, got {g.rho_scale}")
+    check(g.gamma >= 0, f"lgd.gamma must be non-negative, got {g.gamma}")
+    check(g.kappa >= 1, f"lgd.kappa must be at least 1, got {g.kappa}")
+    check(g.memory >= 1, f"lgd.memory must be at least 1, got {g.memory}")
+    with problems.collect():
+        _check_window(g.window, s.steps, "lgd")
+    with problems.collect():
+        _check_recipe(g.stage_model, "lgd.stage_model")
+    with problems.collect():
+        _check_recipe(g.reference_model, "lgd.reference_model")
     i = config.igd
-    _check(i.k >= 0 and i.gamma >= 0 and i.rho_scale > 0, "igd.k and igd.gamma must be >= 0, igd.rho_scale > 0")
-    _check(i.checkpoints >= 1, f"igd.checkpoints must be at least 1, got {i.checkpoints}")
-    _check(-1 <= i.cos_threshold <= 1, f"igd.cos_threshold must be in [-1, 1], got {i.cos_threshold}")
-    _check(i.target_images >= 1, "igd.target_images must be at least 1")
-    _check(i.decode_rows in ("conditional", "both"), f"igd.decode_rows must be conditional or both, got {i.decode_rows!r}")
-    _check(i.surrogate_protocol in ("lgd", "official"),
-           f"igd.surrogate_protocol must be lgd or official, got {i.surrogate_protocol!r}")
+    check(i.k >= 0 and i.gamma >= 0 and i.rho_scale > 0, "igd.k and igd.gamma must be >= 0, igd.rho_scale > 0")
+    check(i.checkpoints >= 1, f"igd.checkpoints must be at least 1, got {i.checkpoints}")
+    check(-1 <= i.cos_threshold <= 1, f"igd.cos_threshold must be in [-1, 1], got {i.cos_threshold}")
+    check(i.target_images >= 1, "igd.target_images must be at least 1")
+    check(i.decode_rows in ("conditional", "both"), f"igd.decode_rows must be conditional or both, got {i.decode_rows!r}")
+    check(i.surrogate_protocol in ("lgd", "official"),
+          f"igd.surrogate_protocol must be lgd or official, got {i.surrogate_protocol!r}")
     for where, section in (("lgd.stage_model", g.stage_model), ("lgd.reference_model", g.reference_model),
                            ("igd.surrogate", i.surrogate)):
-        _check(section.recipe != "soft_label",
-               f"{where}.recipe=soft_label needs a teacher, which only evaluation has (eval.recipe)")
-    _check_window(i.window, s.steps, "igd")
-    _check_recipe(i.surrogate, "igd.surrogate")
+        check(section.recipe != "soft_label",
+              f"{where}.recipe=soft_label needs a teacher, which only evaluation has (eval.recipe)")
+    with problems.collect():
+        _check_window(i.window, s.steps, "igd")
+    with problems.collect():
+        _check_recipe(i.surrogate, "igd.surrogate")
     e = config.eval
-    _check(e.runs >= 1, f"eval.runs must be at least 1, got {e.runs}")
-    _check(e.periodic_tests >= 0, f"eval.periodic_tests must be 0 (last epoch only) or more, got {e.periodic_tests}")
-    _check(e.test_view in ("resize", "crop"), f"eval.test_view must be resize or crop, got {e.test_view!r}")
+    check(e.runs >= 1, f"eval.runs must be at least 1, got {e.runs}")
+    check(e.periodic_tests >= 0, f"eval.periodic_tests must be 0 (last epoch only) or more, got {e.periodic_tests}")
+    check(e.test_view in ("resize", "crop"), f"eval.test_view must be resize or crop, got {e.test_view!r}")
     unknown = sorted(set(e.baselines) - {"random", "dit", "igd"})
-    _check(not unknown, f"eval.baselines: unknown {unknown}; choose from random, dit, igd")
-    _check_recipe(e.recipe, "eval.recipe")
+    check(not unknown, f"eval.baselines: unknown {unknown}; choose from random, dit, igd")
+    with problems.collect():
+        _check_recipe(e.recipe, "eval.recipe")
     for network in e.networks:
-        _check_network(network, "eval.networks")
-        _check_recipe(dataclasses.replace(e.recipe, network=network), "eval.recipe (for eval.networks)")
-    _check(bool(e.teacher), "eval.teacher must be reference or a checkpoint path")
+        with problems.collect():
+            _check_network(network, "eval.networks")
+            _check_recipe(dataclasses.replace(e.recipe, network=network), "eval.recipe (for eval.networks)")
+    check(bool(e.teacher), "eval.teacher must be reference or a checkpoint path")
     from lgd.data import DATASETS
 
     name = config.data.name.lower().replace("-", "_")
-    _check(name in DATASETS or name == "demo",
-           f"data.name: unknown dataset {config.data.name!r}; valid names: {', '.join(DATASETS)}")
-    _check(config.data.image_size >= 8, "data.image_size must be at least 8")
-    _check(config.device == "auto" or config.device.split(":")[0] in ("cpu", "cuda"),
-           f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    check(name in DATASETS or name == "demo",
+          f"data.name: unknown dataset {config.data.name!r}; valid names: {', '.join(DATASETS)}")
+    check(config.data.image_size >= 8, "data.image_size must be at least 8")
+    check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None,
+          f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name, value in (("model.dit", config.model.dit), ("model.vae", config.model.vae)):
-        _check(bool(value), f"{name} is required: the path to the weights on disk")
-    _check(config.model.dit != "identity", "model.dit cannot be 'identity'")
-    _check(config.data.name not in ("imagenette", "imagewoof", "imagefolder") or config.data.root is not None,
-           f"data.root is required for {config.data.name}")
+        check(bool(value), f"{name} is required: the path to the weights on disk")
+    check(config.model.dit != "identity", "model.dit cannot be 'identity'")
+    check(config.data.name not in ("imagenette", "imagewoof", "imagefolder") or config.data.root is not None,
+          f"data.root is required for {config.data.name}")
+    problems.raise_if_any()

@@ -5,8 +5,10 @@ Each writer writes a temporary file next to the target and renames it into place
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +65,14 @@ def write_png(path: str | Path, image: torch.Tensor) -> None:
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
+    from safetensors import SafetensorError
+
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        except SafetensorError as exc:  # safetensors reports a full disk as its own error (os error 28)
+            text = str(exc)
+            if re.search(r"os error 28|code: 28\b|StorageFull", text):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise OSError(None, text.splitlines()[0] if text else type(exc).__name__) from None

@@ -40,7 +40,7 @@ from lgd.guidance.factory import GuidanceFactory, guidance_factory
 from lgd.kernels.policy import kernel_mode, resolve_mode
 from lgd.planning import plan_rounds
 from lgd.rundir import Finished, RunDir, image_name, load_synthetic
-from lgd.runtime import Runtime
+from lgd.runtime import Runtime, compute_environment, pin_threads
 from lgd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,17 @@ class Distiller:
                                              seed=c.seed, batch_size=c.sampling.batch_size)
         factory = ClassifierFactory(self.train_set.channels, self.num_classes, c.data.classifier_input)
         self.classifiers = ClassifierCache(self.run, rt, factory, c, self.device, self.progress)
+        recorded = None
         if rt.is_main:
             self.run.check_writable()
             self.run.lock()
+            self.run.remove_leftovers()
             self.run.claim(c)
+            self.run.repair()
+            recorded = self.run.pin_environment(compute_environment(self.device, rt.world))
             warn_deviation_scale(c, self.generator.sampler.latent_shape)
-        rt.barrier()
+        self._threads = torch.get_num_threads()
+        pin_threads(rt.share(recorded)["threads"])  # every rank computes with the run's thread count
 
     # --- the whole run ------------------------------------------------------------------
     def run_all(self) -> Path:
@@ -110,9 +115,11 @@ class Distiller:
         return self.run.path
 
     def close(self) -> None:
-        """Finish with the other processes and release the run directory."""
+        """Finish with the other processes, release the run directory, restore the thread count."""
         self.runtime.shutdown()
         self.run.release()
+        if getattr(self, "_threads", None):
+            torch.set_num_threads(self._threads)
 
     def _run_stages(self) -> None:
         self.prepare()

@@ -2,7 +2,8 @@
 
     RUN/
       config.yaml                      the resolved config (written before any work)
-      history.jsonl                    one line per resume that changed a RESUMABLE field
+      history.jsonl                    one line per resume that changed a RESUMABLE field or the environment
+      environment.json                 what changes the bits besides the config (threads, versions, device)
       .lock                            held by the main process of the run using the folder
       done.json                        written when every set is complete
       images/<class>/<stage>-<slot>.png  the distilled set, ImageFolder layout
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -112,6 +114,14 @@ class RunDir:
         handle.flush()
         self._lock = handle
 
+    def remove_leftovers(self) -> None:
+        """Delete the temporary files of writes that a kill interrupted (lgd.files.atomic_path
+        names them .<target>.<random>.tmp); call with the lock held."""
+        for tmp in self.path.rglob(".*.tmp"):
+            if tmp.is_file():
+                log.info("removing %s, left by an interrupted write", tmp)
+                tmp.unlink()
+
     def release(self) -> None:
         if self._lock is not None:
             self._lock.close()
@@ -139,13 +149,50 @@ class RunDir:
                 return
             changed = {key: [_get(found, key), _get(wanted, key)] for key in diff}
             log.info("this resume changes %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-            entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "event": "resume", "changed": changed}
-            with open(self.path / "history.jsonl", "a") as history:
-                history.write(json.dumps(entry) + "\n")
+            self._history("resume", changed)
         self.path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump(wanted, sort_keys=False))
+
+    def busy(self) -> bool:
+        """Whether a running lgd distill holds this folder's lock."""
+        path = self.path / ".lock"
+        if not path.exists():
+            return False
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+    def pin_environment(self, current: dict) -> dict:
+        """The environment the run started under (environment.json, written at the first start).
+        A resume computes with the run's thread count; other differences (torch version,
+        device, process count) are kept in history.jsonl, since they may change the last bits
+        of the images still to be made (finished ones are never touched)."""
+        path = self.path / "environment.json"
+        if not path.exists():
+            write_json(path, current)
+            return current
+        recorded = read_json(path)
+        changed = {k: [recorded.get(k), v] for k, v in current.items() if recorded.get(k) != v}
+        if changed:
+            self._history("environment", changed)
+            # the thread count is pinned, and the process count does not change the bits
+            differs = {k: v for k, v in changed.items() if k not in ("threads", "processes")}
+            if differs:
+                log.warning("this resume runs under a different %s than the run's start (%s): the images "
+                            "still to be made may differ in their last bits from an uninterrupted run's",
+                            ", ".join(differs), ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differs.items()))
+        return recorded
+
+    def _history(self, event: str, changed: dict) -> None:
+        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "event": event, "changed": changed}
+        with open(self.path / "history.jsonl", "a") as history:
+            history.write(json.dumps(entry) + "\n")
 
     # --- images ---------------------------------------------------------------------------
     def is_finished(self, stage: int, cls: int, slot: int) -> bool:
@@ -155,11 +202,27 @@ class RunDir:
         return load_file(str(self.path / latent_name(stage, cls, slot)))["latent"]
 
     def write(self, finished: list[Finished]) -> None:
-        """PNG, latent and (last) record of each image."""
+        """PNG, latent and (last) record of each image; the record holds both files' checksums."""
         for f in finished:
-            write_png(self.path / image_name(f.stage, f.cls, f.slot), f.image)
-            write_tensors(self.path / latent_name(f.stage, f.cls, f.slot), {"latent": f.latent})
-            write_json(self.path / record_name(f.stage, f.cls, f.slot), f.record)
+            png, latent = self.path / image_name(f.stage, f.cls, f.slot), self.path / latent_name(f.stage, f.cls, f.slot)
+            write_png(png, f.image)
+            write_tensors(latent, {"latent": f.latent})
+            write_json(self.path / record_name(f.stage, f.cls, f.slot),
+                       {**f.record, "sha256": {"png": sha256(png), "latent": sha256(latent)}})
+
+    def repair(self) -> list[str]:
+        """Treat every image whose record is unreadable, or whose PNG or latent is missing or
+        does not match the record's checksum, as unfinished (its record is removed, so the run
+        recomputes it bit for bit); the same for the sets under baselines/. Returns their names."""
+        damaged = []
+        for record in sorted(self.path.glob("records/*/*.json")) + sorted(self.path.glob("baselines/*/records/*/*.json")):
+            root = record.parents[2]
+            problem = _damage(root, record)
+            if problem:
+                log.warning("%s: %s; it will be made again", record.relative_to(self.path), problem)
+                record.unlink()
+                damaged.append(str(record.relative_to(self.path)))
+        return damaged
 
     def share_seed_stage(self, run: "RunDir") -> None:
         """Link every finished initial-stage image of `run` into this folder (a baseline of the initial increment's method)."""
@@ -171,6 +234,21 @@ class RunDir:
     # --- other files ----------------------------------------------------------------------
     def model_path(self, name: str) -> Path:
         return self.path / "models" / f"{name}.safetensors"
+
+    def has_model(self, name: str) -> bool:
+        """Whether models/<name>.safetensors is there and readable; a damaged one is removed
+        (with a warning), so that it is trained again."""
+        path = self.model_path(name)
+        if not path.exists():
+            return False
+        try:
+            load_file(str(path))
+        except Exception as exc:  # a truncated or overwritten file: SafetensorError, OSError, ...
+            log.warning("%s is damaged (%s); it will be trained again", path, str(exc).splitlines()[0] if str(exc) else
+                        type(exc).__name__)
+            path.unlink()
+            return False
+        return True
 
     def mark_done(self, images: int, stages: int) -> None:
         write_json(self.path / "done.json", {"images": images, "stages": stages})
@@ -215,8 +293,33 @@ class SyntheticSet:
         return len(self.labels)
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _damage(root: Path, record: Path) -> str | None:
+    """What is wrong with a finished image of the set at `root`, or None."""
+    try:
+        meta = read_json(record)
+        stage, cls, slot = meta["stage"], meta["class"], meta["slot"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return "the record is unreadable"
+    sums = meta.get("sha256", {})
+    for kind, name in (("png", image_name(stage, cls, slot)), ("latent", latent_name(stage, cls, slot))):
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if kind in sums and sha256(path) != sums[kind]:
+            return f"{name} does not match its record's checksum"
+    return None
+
+
 def read_png(path: Path) -> torch.Tensor:
-    array = np.asarray(Image.open(path))
+    try:
+        array = np.asarray(Image.open(path))
+    except (OSError, ValueError) as exc:  # missing, truncated or not a PNG
+        raise DataError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                        "rerun the run's lgd distill command to repair its set") from None
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy()).float() / 255
 
@@ -224,7 +327,14 @@ def read_png(path: Path) -> torch.Tensor:
 def finished_records(run: str | Path) -> list[dict]:
     """Metadata of every finished image, in (stage, class, slot) order."""
     run = Path(run)
-    return [read_json(p) for p in sorted((run / "records").glob("*/*.json"))]
+    records = []
+    for path in sorted((run / "records").glob("*/*.json")):
+        try:
+            records.append(read_json(path))
+        except (ValueError, OSError):
+            raise DataError(f"{path} is not a readable record: rerun the run's lgd distill command to repair "
+                            "its set") from None
+    return records
 
 
 def load_synthetic(run: str | Path, stages: list[int] | None = None) -> SyntheticSet:

@@ -109,6 +109,23 @@ class Runtime:
             torch.distributed.destroy_process_group()
 
 
+def compute_environment(device: torch.device, world: int) -> dict:
+    """What, besides the config, changes the bits a run computes."""
+    import lgd
+
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "lgd": lgd.__version__,
+            "device": device.type, "processes": world,
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+def pin_threads(threads: int) -> None:
+    """Compute with `threads` intra-op threads (a run's, so a resume reduces in the same order)."""
+    if torch.get_num_threads() != threads:
+        log.info("computing with the run's %d intra-op thread(s) (this process started with %d), so that the "
+                 "images still to be made match an uninterrupted run", threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
 def resolve_device(name: str) -> torch.device:
     """auto (CUDA when there is one), cpu, cuda or cuda:N, checked against this machine."""
     if name == "auto":

@@ -38,18 +38,20 @@ def class_folder(c: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dit", required=True, help="DiT checkpoint: official .pt, diffusers folder or lgd .safetensors")
-    parser.add_argument("--vae", required=True, help="AutoencoderKL folder, or 'identity' for pixel-space models")
+    parser.add_argument("--dit", required=True,
+                        help="DiT checkpoint: official .pt, diffusers folder, lgd .safetensors, or 'demo' (embedded)")
+    parser.add_argument("--vae", required=True,
+                        help="AutoencoderKL folder, 'identity' for pixel-space models, or 'demo' (embedded)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--classes", type=int, nargs="*", help="class indices (default: all)")
     parser.add_argument("--per-class", type=int, default=1, help="images per class")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--cfg-channels", type=int, default=None, help="3 = official DiT quirk; default all")
-    parser.add_argument("--method", choices=["ddpm", "ddim"], default="ddpm")
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50, help="respaced sampling steps")
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--cfg-channels", type=int, default=None, help="latent channels CFG applies to (3: the official DiT quirk; none: all)")
+    parser.add_argument("--method", choices=["ddpm", "ddim"], default="ddpm", help="reverse step")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of every image's own noise stream")
+    parser.add_argument("--batch-size", type=int, default=16, help="images denoised together")
     parser.add_argument("--num-heads", type=int, default=None, help="DiT heads, if not inferable from the checkpoint")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT and the VAE decoder")
@@ -75,13 +77,17 @@ def _sample(args: argparse.Namespace) -> Path:
         raise ConfigError(f"output folder {out} exists and is not empty")
 
     device = resolve_device(args.device)
-    dit = load_dit(args.dit, num_heads=args.num_heads, device=device)
+    from lgd.demo.models import demo_paths
+
+    dit_path = demo_paths()["dit"] if args.dit == "demo" else args.dit
+    vae_path = demo_paths()["vae"] if args.vae == "demo" else args.vae
+    dit = load_dit(dit_path, num_heads=args.num_heads, device=device)
     num_classes = dit.config.num_classes
     classes = list(range(num_classes)) if not args.classes else args.classes
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise ConfigError(f"class indices {bad} are outside the DiT's {num_classes} classes")
-    codec = load_codec(args.vae, dit.config.in_channels, device)
+    codec = load_codec(vae_path, dit.config.in_channels, device)
     if codec.latent_channels != dit.config.in_channels:
         raise ConfigError(
             f"the VAE makes {codec.latent_channels}-channel latents but the DiT expects {dit.config.in_channels}"

@@ -97,10 +97,14 @@ def tiny_overrides(models, **extra) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
+HOW_COMPUTED = ("environment.json", "history.jsonl")  # records of how a run was computed, not results
+
+
 def files(run: Path) -> dict[str, bytes]:
-    """Every output file of a run directory except hidden ones (the lock)."""
+    """Every output file of a run directory except hidden ones (the lock) and the records of
+    how it was computed (thread and process counts, resumes)."""
     return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
+            if p.is_file() and not p.name.startswith(".") and p.relative_to(run).as_posix() not in HOW_COMPUTED}
 
 
 def benchmark_module(name: str) -> ModuleType:

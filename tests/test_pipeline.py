@@ -207,3 +207,90 @@ def test_reference_engine_runs_no_fused_kernel(tiny_models, tmp_path, monkeypatc
         overrides = tiny_overrides(tiny_models, **{"sampling.engine": engine, "sampling.kernels": kernels})
         Distiller(load_config("demo", overrides), tmp_path / engine, progress=False).run_all()
     assert seen == ["fused", "torch", "auto"]
+
+
+def test_a_resume_computes_with_the_thread_count_the_run_started_with(tiny_models, tmp_path, monkeypatch):
+    """The first start records the intra-op thread count (environment.json). A resume under
+    another count computes with the recorded one (logged in history.jsonl), so it ends
+    byte-identical to an uninterrupted run; the process's own count is restored afterwards."""
+    from lgd.candidates import CandidateGenerator
+    from lgd.errors import LgdError
+
+    overrides = tiny_overrides(tiny_models, **{"eval.baselines": []})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = Distiller(load_config("demo", overrides), tmp_path / "whole", progress=False).run_all()
+        batch = CandidateGenerator._batch
+
+        def interrupted(self, stage, jobs, *args):
+            if stage == 2:
+                raise LgdError("interrupted")
+            return batch(self, stage, jobs, *args)
+
+        monkeypatch.setattr(CandidateGenerator, "_batch", interrupted)
+        run = tmp_path / "run"
+        with pytest.raises(LgdError, match="interrupted"):
+            Distiller(load_config("demo", overrides), run, progress=False).run_all()
+        monkeypatch.setattr(CandidateGenerator, "_batch", batch)
+        torch.set_num_threads(2)
+        seen = []
+        monkeypatch.setattr(Distiller, "lgd_stage", lambda self, *a, _stage=Distiller.lgd_stage:
+                            seen.append(torch.get_num_threads()) or _stage(self, *a))
+        Distiller(load_config("demo", overrides), run, progress=False).run_all()
+        assert seen and set(seen) == {1}  # computed with the run's thread count
+        assert torch.get_num_threads() == 2  # and gave the process its own back
+        assert files(run) == files(whole)
+        assert json.loads((run / "environment.json").read_text())["threads"] == 1
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        assert history[-1]["event"] == "environment" and history[-1]["changed"]["threads"] == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_resume_removes_what_interrupted_writes_left(tmp_path):
+    """A kill inside an atomic write leaves its hidden .<name>.<random>.tmp file; the next start
+    on the folder (holding the lock) removes such files and nothing else."""
+    run = RunDir(tmp_path / "run")
+    (run / "models").mkdir(parents=True)
+    left = [run / "models" / ".stage_02.safetensors.abc123.tmp", run / "images" / "0001" / ".01-00003.png.x.tmp"]
+    left[1].parent.mkdir(parents=True)
+    for path in left:
+        path.write_bytes(b"partial")
+    kept = run / "models" / "reference.safetensors"
+    kept.write_bytes(b"finished")
+    run.lock()
+    try:
+        run.remove_leftovers()
+    finally:
+        run.release()
+    assert not any(path.exists() for path in left) and kept.read_bytes() == b"finished"
+
+
+def test_a_resume_repairs_damaged_files_bit_for_bit(tiny_models, tmp_path, caplog):
+    """Records hold the checksums of their PNG and latent. A rerun over a truncated PNG, a
+    missing latent, a broken record and truncated cached models (the surrogate and a stage
+    model) recomputes what is damaged, with one warning each, and ends byte-identical."""
+    import shutil
+
+    overrides = tiny_overrides(tiny_models, **{"eval.baselines": []})
+    whole = Distiller(load_config("demo", overrides), tmp_path / "whole", progress=False).run_all()
+    record = json.loads((whole / "records" / "02" / "0003-00002.json").read_text())
+    assert set(record["sha256"]) == {"png", "latent"}
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    png = run / "images" / "0003" / "02-00002.png"
+    png.write_bytes(png.read_bytes()[:40])
+    (run / "latents" / "01" / "0005-00001.safetensors").unlink()
+    (run / "records" / "02" / "0007-00003.json").write_text("{not json")
+    for name in ("surrogate", "stage_02"):
+        model = run / "models" / f"{name}.safetensors"
+        model.write_bytes(model.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        Distiller(load_config("demo", overrides), run, progress=False).run_all()
+    assert files(run) == files(whole)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("02-00002.png does not match its record's checksum" in m for m in warned)
+    assert any("latents/01/0005-00001.safetensors is missing" in m for m in warned)
+    assert any("0007-00003.json: the record is unreadable" in m for m in warned)
+    assert sum("is damaged" in m and "trained again" in m for m in warned) == 2

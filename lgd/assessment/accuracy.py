@@ -54,10 +54,10 @@ from lgd.classifiers import ClassifierFactory, canonical_name
 from lgd.config import Config, load_config
 from lgd.errors import ConfigError, DataError
 from lgd.files import read_json, write_json
-from lgd.rundir import SyntheticSet, load_synthetic
+from lgd.rundir import RunDir, SyntheticSet, load_synthetic
 from lgd.seeding import derive_seed
 from lgd.training import Member, accuracies, train_classifiers
-from lgd.training.recipes import DC_BATCH_SIZE, default_epochs
+from lgd.training.recipes import batch_size_of, default_epochs
 from lgd.training.fast import default_group_size
 
 if TYPE_CHECKING:
@@ -256,6 +256,9 @@ def tabulate(results: dict, scores: dict, best: dict, networks: list[str], sets:
 def check_finished(run: Path, partial: bool) -> None:
     """`lgd evaluate` / `lgd analyze` need a finished run (done.json), unless told `partial`,
     and at least one image either way."""
+    if RunDir(run).busy():
+        raise ConfigError(f"{run} is being written by a running lgd distill (it holds {run / '.lock'}): "
+                          "wait for it to finish")
     if not (run / "done.json").is_file() and not partial:
         raise ConfigError(f"{run} is not a finished run (no done.json): finish it with the same `lgd distill` "
                           "command, or pass --partial to evaluate the images there so far")
@@ -338,7 +341,7 @@ def evaluate_run(
     results = {
         "dataset": config.data.name,
         "classifier_size": size,
-        "recipe": dataclasses.asdict(section),
+        "recipe": {**dataclasses.asdict(section), "batch_size": batch_size_of(section)},  # as trained
         "protocol": {"reported": "last epoch", "periodic_tests": periodic, "eval_every": eval_every,
                      "test_view": view, "teacher": config.eval.teacher if section.recipe == "soft_label" else None},
         "runs": runs,
@@ -377,7 +380,7 @@ def evaluate_run(
     def group_limit(network: str) -> int:
         if section.group_size:
             return section.group_size
-        batch = min(DC_BATCH_SIZE if section.recipe == "dc" else section.batch_size, ipc * num_classes)
+        batch = min(batch_size_of(section), ipc * num_classes)
         sample = test[0][:1].to(device)
         sample = sample.float() / 255 if sample.dtype == torch.uint8 else sample.float()
         return default_group_size(section, device, factory(network, 0).to(device), sample, batch)

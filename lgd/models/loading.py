@@ -144,8 +144,9 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         # Official training checkpoints also carry their argparse options under "args".
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # torch's own message is advice about weights_only, not about the file
+        raise CheckpointError(f"cannot read {path} as a DiT checkpoint: expected an official .pt, an lgd "
+                              f".safetensors or a diffusers folder (torch.load: {_first_line(exc)})") from None
     if isinstance(obj, dict):
         obj = obj.get("ema", obj.get("model", obj))  # training checkpoints: EMA weights sample best
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -283,3 +284,8 @@ def _check_state(model: DiT, state: dict[str, torch.Tensor], source) -> None:
                 f"{source}: {key} has shape {tuple(state[key].shape)} in the checkpoint but the model "
                 f"expects {tuple(tensor.shape)}"
             )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -37,6 +37,11 @@ class TrainHistory:
     confidence: torch.Tensor | None = None  # [epochs, len(track)] true-class probability after each epoch
 
 
+def batch_size_of(section) -> int:
+    """The batch size a training section trains with (the dc recipe's is fixed by its protocol)."""
+    return DC_BATCH_SIZE if section.recipe == "dc" else section.batch_size
+
+
 def default_epochs(recipe: str, ipc: int) -> int:
     if recipe == "dc":
         return _DC_EPOCHS

@@ -61,12 +61,12 @@ from lgd.classifiers.base import fit_input
 from lgd.config import TrainSection
 from lgd.errors import ConfigError, DataError, LgdError
 from lgd.training.recipes import (
-    DC_BATCH_SIZE,
     RECIPES,
     Data,
     Source,
     TrainHistory,
     augmenter,
+    batch_size_of,
     default_epochs,
     lr_milestones,
     recipe_loss,
@@ -242,7 +242,7 @@ def train_classifiers(
         epochs = section.epochs
     else:  # only hard_label's default depends on the IPC
         epochs = default_epochs(section.recipe, ipc or (sources[0].ipc() if section.recipe == "hard_label" else 0))
-    batch_size = DC_BATCH_SIZE if section.recipe == "dc" else section.batch_size
+    batch_size = batch_size_of(section)
     for m in members:
         m.model.to(device)
     if soft:
