@@ -14,6 +14,7 @@ from lgd.config import Config
 from lgd.diffusion.sampler import Guidance, Sampler, SamplerSettings
 from lgd.errors import ConfigError, LgdError
 from lgd.models import load_dit
+from lgd.models.loading import resolve_weights
 from lgd.models.vae import IdentityCodec, load_vae
 from lgd.planning import Job
 from lgd.rundir import Finished, image_name
@@ -40,17 +41,12 @@ class Generator:
 
 
 def load_generator(config: Config, device: torch.device) -> Generator:
-    from lgd.demo.models import demo_paths
-
-    def path(kind: str, value: str):
-        return demo_paths()[kind] if value == "demo" else value
-
-    dit = load_dit(path("dit", config.model.dit), num_heads=config.model.dit_num_heads, device=device)
+    dit = load_dit(resolve_weights(config.model.dit, "model.dit"), num_heads=config.model.dit_num_heads, device=device)
     dit.eval().requires_grad_(False).set_attention_backend(config.model.attention)
     if config.model.vae == "identity":
         codec = IdentityCodec(dit.config.in_channels)
     else:
-        codec = load_vae(path("vae", config.model.vae), device=device)
+        codec = load_vae(resolve_weights(config.model.vae, "model.vae"), device=device)
     codec.eval().requires_grad_(False)
     if codec.latent_channels != dit.config.in_channels:
         raise ConfigError(f"the VAE makes {codec.latent_channels}-channel latents; the DiT expects {dit.config.in_channels}")

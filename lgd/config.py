@@ -349,11 +349,11 @@ class Problems:
             self.messages.append(message)
 
     @contextlib.contextmanager
-    def collect(self):
-        """A ConfigError raised inside is one more problem; the block stops at its first one."""
+    def collect(self, kinds: type[Exception] | tuple = ConfigError):
+        """An error of `kinds` raised inside is one more problem; the block stops at its first one."""
         try:
             yield
-        except ConfigError as exc:
+        except kinds as exc:
             self.add(str(exc))
 
     def raise_if_any(self) -> None:

@@ -32,9 +32,9 @@ from lgd.acceleration import tf32
 from lgd.candidates import CandidateGenerator, load_generator
 from lgd.classifier_cache import ClassifierCache
 from lgd.classifiers import ClassifierFactory
-from lgd.config import Config
+from lgd.config import Config, Problems
 from lgd.data import load_dataset, model_class_map, per_class_subset
-from lgd.errors import ConfigError
+from lgd.errors import ConfigError, LgdError
 from lgd.guidance import ClassMemory, learnability
 from lgd.guidance.factory import GuidanceFactory, guidance_factory
 from lgd.kernels.policy import kernel_mode, resolve_mode
@@ -80,8 +80,12 @@ class Distiller:
         """Open the weights and the data (each loader names what is wrong with its file), then
         claim the run directory: a start that fails on its inputs leaves nothing behind."""
         c, rt = self.config, self.runtime
-        self.generator = load_generator(c, self.device)
-        self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
+        problems = Problems()  # the data's and the weights' problems, in one message
+        with problems.collect(LgdError):
+            self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)  # cheap: first
+        with problems.collect(LgdError):
+            self.generator = load_generator(c, self.device)
+        problems.raise_if_any()
         self.num_classes = self.train_set.num_classes
         dit_classes = model_class_map(self.train_set, self.generator.dit.config.num_classes, "the DiT")
         if self.generator.codec.image_channels != self.train_set.channels:

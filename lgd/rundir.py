@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
@@ -40,10 +41,23 @@ from lgd.files import atomic_path, read_json, write_json, write_png, write_tenso
 
 log = logging.getLogger(__name__)
 
-# Config fields a resume may change: they say how to compute, and never touch a finished image.
-# sampling.batch_size (the fix after running out of memory) does change the float order, so
-# the images still to be made may differ in their last bits from an uninterrupted run's.
-RESUMABLE = ("sampling.batch_size", "distributed_timeout")
+# Config fields a resume may change: they say how to compute, not what to make, and never touch
+# a finished image. The rest (model, data, stages, lgd/igd settings, steps, CFG, precision, seed,
+# round planning...) define the images: a resume that changes one of them is refused.
+RESUMABLE = (
+    "sampling.batch_size", "sampling.compile", "sampling.kernels", "sampling.tf32", "sampling.checkpoint_decoder",
+    "model.attention", "device", "distributed_timeout", "eval.*",
+    *(f"{section}.{field}" for section in ("lgd.stage_model", "lgd.reference_model", "igd.surrogate")
+      for field in ("engine", "compile", "micro_batch", "stacking", "group_size", "distributed")),
+)
+# Of those, the ones that cannot change a bit of what is still to be made (the others change
+# the float order, so the images made after the resume may differ in their last bits from an
+# uninterrupted run's; the history says so).
+BIT_NEUTRAL = ("distributed_timeout", "eval.*", "sampling.checkpoint_decoder")
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
 
 
 def image_name(stage: int, cls: int, slot: int) -> str:
@@ -140,7 +154,7 @@ class RunDir:
             except ConfigError as exc:
                 raise ConfigError(f"{path} does not fit this version of lgd: {exc}") from None
             diff = sorted(_diff(found, wanted))
-            refused = [key for key in diff if key not in RESUMABLE]
+            refused = [key for key in diff if not _matches(key, RESUMABLE)]
             if refused:
                 raise ConfigError(f"{self.path} was started with a different config ({', '.join(refused[:5])}); "
                                   "use a new --out folder or the same settings")
@@ -149,7 +163,11 @@ class RunDir:
                 return
             changed = {key: [_get(found, key), _get(wanted, key)] for key in diff}
             log.info("this resume changes %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-            self._history("resume", changed)
+            bits = [key for key in diff if not _matches(key, BIT_NEUTRAL)]
+            if bits:
+                log.warning("%s may change the last bits of the images still to be made (finished ones are kept)",
+                            ", ".join(bits))
+            self._history("resume", changed, may_change_bits=bits)
         self.path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump(wanted, sort_keys=False))
@@ -188,9 +206,9 @@ class RunDir:
                             ", ".join(differs), ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differs.items()))
         return recorded
 
-    def _history(self, event: str, changed: dict) -> None:
+    def _history(self, event: str, changed: dict, **extra) -> None:
         entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "event": event, "changed": changed}
+                 "event": event, "changed": changed, **extra}
         with open(self.path / "history.jsonl", "a") as history:
             history.write(json.dumps(entry) + "\n")
 

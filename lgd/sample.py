@@ -22,6 +22,7 @@ from lgd.errors import ConfigError, LgdError
 from lgd.files import write_json, write_png
 from lgd.kernels.policy import MODES, kernel_mode, resolve_mode
 from lgd.models import load_dit
+from lgd.models.loading import resolve_weights
 from lgd.models.vae import IdentityCodec, load_vae
 from lgd.runtime import resolve_device
 from lgd.diffusion.sampler import Sampler, SamplerSettings
@@ -39,9 +40,9 @@ def class_folder(c: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit", required=True,
-                        help="DiT checkpoint: official .pt, diffusers folder, lgd .safetensors, or 'demo' (embedded)")
+                        help="DiT checkpoint: official .pt, diffusers folder, lgd .safetensors, a hub id in the local Hugging Face cache, or 'demo'")
     parser.add_argument("--vae", required=True,
-                        help="AutoencoderKL folder, 'identity' for pixel-space models, or 'demo' (embedded)")
+                        help="AutoencoderKL folder, a hub id in the local cache, 'identity' for pixel-space models, or 'demo'")
     parser.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--classes", type=int, nargs="*", help="class indices (default: all)")
     parser.add_argument("--per-class", type=int, default=1, help="images per class")
@@ -77,10 +78,7 @@ def _sample(args: argparse.Namespace) -> Path:
         raise ConfigError(f"output folder {out} exists and is not empty")
 
     device = resolve_device(args.device)
-    from lgd.demo.models import demo_paths
-
-    dit_path = demo_paths()["dit"] if args.dit == "demo" else args.dit
-    vae_path = demo_paths()["vae"] if args.vae == "demo" else args.vae
+    dit_path, vae_path = resolve_weights(args.dit, "--dit"), resolve_weights(args.vae, "--vae")
     dit = load_dit(dit_path, num_heads=args.num_heads, device=device)
     num_classes = dit.config.num_classes
     classes = list(range(num_classes)) if not args.classes else args.classes

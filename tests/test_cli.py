@@ -37,3 +37,28 @@ def test_distill_rejects_class_count_mismatch(tmp_path, capsys):
 def test_evaluate_missing_run_directory(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, monkeypatch, capsys):
+    """model.dit / model.vae (and lgd sample's --dit/--vae) take a hub id: found in the local
+    Hugging Face cache it is used; not cached, the command stops in one line without a download."""
+    import shutil
+
+    from lgd.demo.models import demo_paths
+    from lgd.models.loading import resolve_weights
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-vae" / "snapshots" / "0123abcd"
+    shutil.copytree(demo_paths()["vae"], snapshot)
+    (cache / "models--someone--tiny-vae" / "refs").mkdir()
+    (cache / "models--someone--tiny-vae" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert resolve_weights("someone/tiny-vae", "model.vae") == str(snapshot)
+    assert resolve_weights("demo", "--dit") == str(demo_paths()["dit"])
+
+    out = tmp_path / "run"
+    assert main(["distill", "--config", "demo", "--out", str(out), "model.dit=facebook/DiT-XL-2-256"]) == 2
+    err = capsys.readouterr().err
+    assert "model.dit=facebook/DiT-XL-2-256 is neither a local path nor in the local Hugging Face cache" in err
+    assert "Traceback" not in err and not out.exists()

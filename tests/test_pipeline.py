@@ -294,3 +294,25 @@ def test_a_resume_repairs_damaged_files_bit_for_bit(tiny_models, tmp_path, caplo
     assert any("latents/01/0005-00001.safetensors is missing" in m for m in warned)
     assert any("0007-00003.json: the record is unreadable" in m for m in warned)
     assert sum("is damaged" in m and "trained again" in m for m in warned) == 2
+
+
+def test_a_resume_may_change_how_to_compute_but_not_what_to_make(tmp_path):
+    """Fields that say how to compute (batch size, device, compile, eval.*, a training section's
+    engine switches) may change on a resume: config.yaml is rewritten and history.jsonl says
+    what changed and which changes may alter the last bits; fields that define the images are
+    refused, all of them named."""
+    from lgd.errors import ConfigError
+
+    run = RunDir(tmp_path)
+    run.claim(load_config("demo"))
+    how = ["sampling.batch_size=7", "device=cpu", "eval.runs=1", "sampling.compile=true",
+           "lgd.stage_model.micro_batch=8"]
+    run.claim(load_config("demo", how))
+    entry = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
+    assert set(entry["changed"]) == {"sampling.batch_size", "device", "eval.runs", "sampling.compile",
+                                     "lgd.stage_model.micro_batch"}
+    assert entry["changed"]["device"] == ["auto", "cpu"]
+    assert "eval.runs" not in entry["may_change_bits"] and "sampling.batch_size" in entry["may_change_bits"]
+    assert load_config(tmp_path / "config.yaml").sampling.batch_size == 7
+    with pytest.raises(ConfigError, match=r"different config \(lgd.lam, sampling.steps\)"):
+        run.claim(load_config("demo", how + ["lgd.lam=3", "sampling.steps=30"]))

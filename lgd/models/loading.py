@@ -54,6 +54,30 @@ def save_dit(model: DiT, path: str | os.PathLike) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_weights(value: str, what: str) -> str:
+    """The local path of `what`'s weights: `value` itself, the embedded demo model for "demo",
+    or for a Hugging Face hub id (e.g. facebook/DiT-XL-2-256) its copy in the local cache.
+    lgd never downloads: a hub id that is not cached is one clear error."""
+    kind = what.lstrip("-").split(".")[-1]  # model.dit or --dit -> dit
+    if value == "demo":
+        from lgd.demo.models import demo_paths
+
+        return str(demo_paths()[kind])
+    if Path(value).exists() or not HUB_ID.fullmatch(value):
+        return value
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(value, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{what}={value} is neither a local path nor in the local Hugging Face cache; lgd "
+                              f"never downloads: fetch it first (huggingface-cli download {value}) or give a path") from None
+
+
 def load_dit(
     path: str | os.PathLike,
     *,
