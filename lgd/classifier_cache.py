@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 from safetensors.torch import load_file
@@ -13,7 +14,7 @@ from lgd.checkpoints import load_classifier, save_classifier
 from lgd.classifiers import ClassifierFactory, build_seeded
 from lgd.config import Config, TrainSection
 from lgd.data import per_class_subset
-from lgd.files import write_tensors
+from lgd.files import write_json, write_tensors
 from lgd.guidance import InfluenceLoss, select_checkpoints
 from lgd.rundir import RunDir
 from lgd.runtime import Runtime
@@ -48,9 +49,19 @@ class ClassifierCache:
             return self.runtime.is_main and not exists
         return not self.runtime.share(exists)  # the main process's view, so all ranks agree
 
-    def _train(self, model, data, section: TrainSection, seed_parts: tuple, **kwargs) -> None:
-        train_classifier(model, data, section, seed=derive_seed(self.config.seed, *seed_parts), device=self.device,
-                         progress=self.progress, runtime=self.runtime if self.together(section) else None, **kwargs)
+    def _train(self, model, data, section: TrainSection, name: str, seed_parts: tuple, **kwargs) -> None:
+        """Train, then keep the history (per-epoch loss and LR) as models/<name>.history.json; the time
+        taken goes to the log (the run's files stay the same from run to run)."""
+        start = time.perf_counter()
+        history = train_classifier(model, data, section, seed=derive_seed(self.config.seed, *seed_parts),
+                                   device=self.device, progress=self.progress,
+                                   runtime=self.runtime if self.together(section) else None, **kwargs)
+        seconds = time.perf_counter() - start
+        log.info("trained the %s classifier in %.1f s (%d epochs)", name, seconds, history.epochs)
+        if self.runtime.is_main:
+            write_json(self.run.model_path(name).with_suffix(".history.json"),
+                       {"epochs": history.epochs, "loss": history.loss, "lr": history.lr,
+                        "network": section.network, "recipe": section.recipe})
 
     # --- the cached classifiers ----------------------------------------------------------
     def classifier(self, name: str, section: TrainSection, data, ipc: int | None) -> torch.nn.Module:
@@ -60,7 +71,7 @@ class ClassifierCache:
             spec = self.spec(section)
             model = self.new(spec, name)
             log.info("training the %s classifier (%s, %s recipe)", name, section.network, section.recipe)
-            self._train(model, data, section, ("classifier", name), ipc=ipc)
+            self._train(model, data, section, name, ("classifier", name), ipc=ipc)
             if self.runtime.is_main:
                 save_classifier(model, path, spec)
         self.runtime.barrier()
@@ -80,7 +91,7 @@ class ClassifierCache:
             snapshot = lambda epoch, m: trajectory.append({k: v.detach().clone() for k, v in m.named_parameters()})
             log.info("training IGD's surrogate trajectory (%s, %s recipe, %s epochs)", section.network,
                      section.recipe, section.epochs)
-            self._train(model, train_set, section, ("surrogate",), on_epoch=snapshot)
+            self._train(model, train_set, section, "surrogate", ("surrogate",), on_epoch=snapshot)
         if official:
             # The official code trains on ImageNet-normalised images but guides with [-1, 1] ones
             # (real targets and decoded images alike): kept as it is, inconsistency included.

@@ -520,3 +520,44 @@ def validate(config: Config) -> None:
     check(config.data.name not in ("imagenette", "imagewoof", "imagefolder") or config.data.root is not None,
           f"data.root is required for {config.data.name}")
     problems.raise_if_any()
+
+
+def field_notes(cls) -> dict[str, str]:
+    """A dataclass's field -> the comment written after it in this file (its meaning)."""
+    import inspect
+
+    notes, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        comment = re.match(r"\s+#\s*(.*)$", line)
+        field_line = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
+        if comment:
+            above.append(comment.group(1))
+        elif field_line:
+            note = field_line.group(2) or " ".join(above)
+            if note:
+                notes[field_line.group(1)] = note
+            above = []
+        else:
+            above = []
+    return notes
+
+
+def describe(config: Config) -> str:
+    """The resolved config as YAML (loadable as a config file), each field with its meaning."""
+    lines: list[str] = []
+
+    def emit(obj, indent: str) -> None:
+        notes = field_notes(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            note = f"  # {notes[f.name]}" if f.name in notes else ""
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:{note}")
+                emit(value, indent + "  ")
+            else:
+                text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6).strip()
+                text = text.removesuffix("\n...").removesuffix("...").strip()
+                lines.append(f"{indent}{f.name}: {text}{note}")
+
+    emit(config, "")
+    return "\n".join(lines) + "\n"

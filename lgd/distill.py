@@ -24,16 +24,27 @@ import time  # noqa: E402
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="preset (demo, nette, woof, imagenet1k) or YAML file")
-    parser.add_argument("--out", required=True, type=Path, help="run directory (created, or resumed)")
+    parser.add_argument("--out", type=Path, help="run directory (created, or resumed); required unless --print-config")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config, every field with its meaning, and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. stages.ipc=20")
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> Path | None:
     from lgd.config import load_config
     from lgd.pipeline import Distiller
 
     config = load_config(args.config, args.overrides)
+    if args.print_config:
+        from lgd.config import describe
+
+        print(describe(config), end="")
+        return None
+    if args.out is None:
+        from lgd.errors import ConfigError
+
+        raise ConfigError("--out is required: the run directory to create or resume")
     start = time.perf_counter()
     out = Distiller(config, args.out, progress=not args.no_progress).run_all()
     logging.getLogger("lgd").info("distillation finished in %.1f s: %s", time.perf_counter() - start, out)

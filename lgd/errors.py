@@ -15,3 +15,7 @@ class CheckpointError(LgdError):
 
 class DataError(LgdError):
     """A missing or malformed dataset."""
+
+
+class DamagedFileError(DataError):
+    """A file of a run directory that is there but cannot be read (truncated, overwritten)."""

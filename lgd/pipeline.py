@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lgd.acceleration import tf32
 from lgd.candidates import CandidateGenerator, load_generator
@@ -39,6 +39,7 @@ from lgd.guidance import ClassMemory, learnability
 from lgd.guidance.factory import GuidanceFactory, guidance_factory
 from lgd.kernels.policy import kernel_mode, resolve_mode
 from lgd.planning import plan_rounds
+from lgd.progress import RunProgress, progress_bar
 from lgd.rundir import Finished, RunDir, image_name, load_synthetic
 from lgd.runtime import Runtime, compute_environment, pin_threads
 from lgd.seeding import derive_seed
@@ -99,13 +100,19 @@ class Distiller:
         if rt.is_main:
             self.run.check_writable()
             self.run.lock()
+            self._log = self.run.open_log(rt.rank, rt.world)
             self.run.remove_leftovers()
             self.run.claim(c)
             self.run.repair()
             recorded = self.run.pin_environment(compute_environment(self.device, rt.world))
             warn_deviation_scale(c, self.generator.sampler.latent_shape)
         self._threads = torch.get_num_threads()
-        pin_threads(rt.share(recorded)["threads"])  # every rank computes with the run's thread count
+        recorded = rt.share(recorded)  # also: the run directory is claimed, every rank may log into it
+        if not rt.is_main:
+            self._log = self.run.open_log(rt.rank, rt.world)
+        log.info("lgd %s, torch %s, %s, %d process(es), %d thread(s) each", recorded["lgd"], recorded["torch"],
+                 self.device, rt.world, recorded["threads"])
+        pin_threads(recorded["threads"])  # every rank computes with the run's thread count
 
     # --- the whole run ------------------------------------------------------------------
     def run_all(self) -> Path:
@@ -124,10 +131,16 @@ class Distiller:
         self.run.release()
         if getattr(self, "_threads", None):
             torch.set_num_threads(self._threads)
+        if getattr(self, "_log", None) is not None:
+            self.run.close_log(self._log)
+            self._log = None
 
     def _run_stages(self) -> None:
         self.prepare()
         c = self.config
+        baselines = [name for name in c.eval.baselines if name != "random"]
+        self.whole_run = RunProgress((c.stages.ipc + c.stages.ipc * len(baselines)) * self.num_classes,
+                                     enabled=self.runtime.is_main)
         memory = ClassMemory(c.lgd.memory)
         self.initial_increment(self.run, c.stages.initial, range(c.stages.increment), memory)
         if self.stages > 1:
@@ -190,10 +203,12 @@ class Distiller:
         """Fill `slots` of every class at `stage` under `root`, round by round; finished batches
         are skipped, so a rerun resumes where a run stopped."""
         s, rt = self.config.sampling, self.runtime
-        bar = tqdm(total=len(slots) * self.num_classes, desc=f"{root.name} stage {stage}", unit="img",
-                   disable=not self.progress)
+        bar = progress_bar(total=len(slots) * self.num_classes, desc=f"{root.name} stage {stage}", unit="img",
+                           disable=not self.progress)
+        start, made = time.perf_counter(), 0
         for round_ in plan_rounds(slots, self.num_classes, s.round_slots, s.batch_size, kappa):
             pending = [b for b in round_.batches if not all(root.is_finished(stage, c, slot) for c, slot, _ in b)]
+            made += sum(len(b) for b in pending) // kappa
             done = []
             for batch in pending[rt.rank :: rt.world]:
                 guidance = make_guidance(sorted({c for c, _, _ in batch})) if make_guidance else None
@@ -203,7 +218,12 @@ class Distiller:
                 for slot in round_.slots:
                     memory.add(c, root.latent(stage, c, slot))
             bar.update(len(round_.slots) * self.num_classes)
+            self.whole_run.update(len(round_.slots) * self.num_classes, made=bool(pending))
         bar.close()
+        if made and self.runtime.is_main:
+            seconds = time.perf_counter() - start
+            log.info("%s stage %d: %d image(s) made in %.1f s (%.2f images/s, %d candidates each)", root.name, stage,
+                     made, seconds, made / seconds, kappa)
 
     def write(self, root: RunDir, finished: list[Finished]) -> None:
         """The main process writes; all ranks wait."""
@@ -229,3 +249,4 @@ class Distiller:
         for cls in range(self.num_classes):
             for slot in slots:
                 memory.add(cls, root.latent(stage, cls, slot))
+        self.whole_run.update(len(slots) * self.num_classes, made=bool(finished))

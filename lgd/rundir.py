@@ -4,6 +4,7 @@
       config.yaml                      the resolved config (written before any work)
       history.jsonl                    one line per resume that changed a RESUMABLE field or the environment
       environment.json                 what changes the bits besides the config (threads, versions, device)
+      log.txt                          every start's log lines, all processes (INFO and up)
       .lock                            held by the main process of the run using the folder
       done.json                        written when every set is complete
       images/<class>/<stage>-<slot>.png  the distilled set, ImageFolder layout
@@ -36,7 +37,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from lgd.errors import ConfigError, DataError, LgdError
+from lgd.errors import ConfigError, DamagedFileError, DataError, LgdError
 from lgd.files import atomic_path, read_json, write_json, write_png, write_tensors
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,24 @@ class RunDir:
             if tmp.is_file():
                 log.info("removing %s, left by an interrupted write", tmp)
                 tmp.unlink()
+
+    def open_log(self, rank: int, world: int) -> logging.Handler:
+        """Append lgd's log lines (and Python warnings) to log.txt, marked with the process when
+        there are several; returns the handler, for `close_log`."""
+        handler = logging.FileHandler(self.path / "log.txt", mode="a", encoding="utf-8")
+        who = f" [rank {rank}]" if world > 1 else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s{who} %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        for name in ("lgd", "py.warnings"):
+            logging.getLogger(name).addHandler(handler)
+        logging.captureWarnings(True)
+        return handler
+
+    @staticmethod
+    def close_log(handler: logging.Handler) -> None:
+        for name in ("lgd", "py.warnings"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
 
     def release(self) -> None:
         if self._lock is not None:
@@ -336,7 +355,7 @@ def read_png(path: Path) -> torch.Tensor:
     try:
         array = np.asarray(Image.open(path))
     except (OSError, ValueError) as exc:  # missing, truncated or not a PNG
-        raise DataError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+        raise DamagedFileError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
                         "rerun the run's lgd distill command to repair its set") from None
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy()).float() / 255
@@ -350,7 +369,7 @@ def finished_records(run: str | Path) -> list[dict]:
         try:
             records.append(read_json(path))
         except (ValueError, OSError):
-            raise DataError(f"{path} is not a readable record: rerun the run's lgd distill command to repair "
+            raise DamagedFileError(f"{path} is not a readable record: rerun the run's lgd distill command to repair "
                             "its set") from None
     return records
 

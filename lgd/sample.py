@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lgd.acceleration import PRECISIONS, apply_speedups
 from lgd.errors import ConfigError, LgdError
@@ -24,6 +23,7 @@ from lgd.kernels.policy import MODES, kernel_mode, resolve_mode
 from lgd.models import load_dit
 from lgd.models.loading import resolve_weights
 from lgd.models.vae import IdentityCodec, load_vae
+from lgd.progress import progress_bar
 from lgd.runtime import resolve_device
 from lgd.diffusion.sampler import Sampler, SamplerSettings
 from lgd.seeding import NoiseStream, derive_seed
@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, default=None, help="DiT heads, if not inferable from the checkpoint")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT and the VAE decoder")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast dtype of the DiT and VAE (auto: bf16 on GPUs with native bf16, else fp32)")
     parser.add_argument("--kernels", choices=MODES, default="auto",
@@ -99,7 +100,7 @@ def _sample(args: argparse.Namespace) -> Path:
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     records = []
     try:
-        with tqdm(total=len(jobs) * settings.steps, desc="sampling", unit="step") as bar:
+        with progress_bar(total=len(jobs) * settings.steps, desc="sampling", unit="step", disable=args.no_progress) as bar:
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start : start + args.batch_size]
                 labels = torch.tensor([c for c, _, _ in batch], device=device)

@@ -97,7 +97,7 @@ def tiny_overrides(models, **extra) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
-HOW_COMPUTED = ("environment.json", "history.jsonl")  # records of how a run was computed, not results
+HOW_COMPUTED = ("environment.json", "history.jsonl", "log.txt")  # how a run was computed, not results
 
 
 def files(run: Path) -> dict[str, bytes]:

@@ -316,3 +316,18 @@ def test_a_resume_may_change_how_to_compute_but_not_what_to_make(tmp_path):
     assert load_config(tmp_path / "config.yaml").sampling.batch_size == 7
     with pytest.raises(ConfigError, match=r"different config \(lgd.lam, sampling.steps\)"):
         run.claim(load_config("demo", how + ["lgd.lam=3", "sampling.steps=30"]))
+
+
+def test_a_run_keeps_a_log_its_training_histories_and_its_environment(tiny_models, tmp_path, caplog):
+    overrides = tiny_overrides(tiny_models, **{"eval.baselines": []})
+    caplog.set_level("INFO", logger="lgd")
+    run = Distiller(load_config("demo", overrides), tmp_path / "run", progress=False).run_all()
+    text = (run / "log.txt").read_text()
+    for line in ("INFO lgd.pipeline: lgd ", "trained the reference classifier in", "run stage 2: 20 image(s) made in",
+                 "40/40 images (100 %)"):
+        assert line in text, line
+    for name in ("reference", "stage_02", "surrogate"):
+        history = json.loads((run / "models" / f"{name}.history.json").read_text())
+        assert len(history["loss"]) == history["epochs"] == len(history["lr"]) >= 1
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["threads"] == torch.get_num_threads() and environment["torch"] == torch.__version__

@@ -48,12 +48,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from lgd.classifiers import ClassifierFactory, canonical_name
 from lgd.config import Config, load_config
-from lgd.errors import ConfigError, DataError
+from lgd.errors import ConfigError, DamagedFileError, DataError
 from lgd.files import read_json, write_json
+from lgd.progress import progress_bar
 from lgd.rundir import RunDir, SyntheticSet, load_synthetic
 from lgd.seeding import derive_seed
 from lgd.training import Member, accuracies, train_classifiers
@@ -103,7 +103,7 @@ def materialise(dataset, crop: int | None = None, progress: bool = True) -> tupl
     else:
         loader = DataLoader(dataset, batch_size=64, num_workers=min(8, os.cpu_count() or 1))
         chunks = [(_to_uint8(center_crop(x, crop) if crop else x), y)
-                  for x, y in tqdm(loader, desc="loading test images", unit="batch", leave=False, disable=not progress)]
+                  for x, y in progress_bar(loader, desc="loading test images", unit="batch", leave=False, disable=not progress)]
         if not chunks:
             raise DataError("the real test split is empty")
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]).long()
@@ -135,6 +135,8 @@ def load_image_sets(run: str | Path, names: list[str]) -> tuple[dict[str, Synthe
             continue
         try:
             found[name] = load_synthetic(root)
+        except DamagedFileError:
+            raise  # a damaged set is reported, never skipped
         except DataError as exc:
             skipped[name] = str(exc)
     return found, skipped
@@ -387,7 +389,7 @@ def evaluate_run(
 
     groups = training_groups([j for j in jobs if j not in scores], group_limit,
                              size_of=lambda job: signatures[job]["images"])
-    bar = tqdm(total=len(jobs), initial=len(scores), desc="evaluate", unit="model", disable=not progress)
+    bar = progress_bar(total=len(jobs), initial=len(scores), desc="evaluate", unit="model", disable=not progress)
 
     def train_group(group: list[tuple[str, str, int]]) -> list[tuple[tuple[str, str, int], dict]]:
         """Train the group's classifiers from scratch (one training per job), score them together:

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm.auto import tqdm
 
 from lgd.classifiers import ClassifierFactory
 from lgd.config import Config, TrainSection
@@ -42,6 +41,7 @@ from lgd.assessment.accuracy import (
     materialise,
 )
 from lgd.files import atomic_path, read_json, write_json
+from lgd.progress import progress_bar
 from lgd.rundir import SyntheticSet
 from lgd.seeding import derive_seed
 from lgd.training import Member, accuracy, default_epochs, train_classifier, train_classifiers
@@ -78,7 +78,7 @@ def cross_increment_matrix(
     sizes = {len(m.data[1]) for m in members}
     # One group when the increments are of one size (the usual case), else one training each.
     limit = section.group_size or (len(members) if len(sizes) == 1 else 1)
-    for start in tqdm(range(0, len(members), limit), desc="cross-increment", unit="group", disable=not progress):
+    for start in progress_bar(range(0, len(members), limit), desc="cross-increment", unit="group", disable=not progress):
         train_classifiers(members[start : start + limit], section, device=device, progress=progress)
     tests = [(images[increments == b], labels[increments == b]) for b in ks]
     matrix = [[_percent(m.model, *test, device) for test in tests] for m in members]
@@ -103,7 +103,7 @@ def training_dynamics(
     model = make_model(derive_seed(seed, "dynamics"))
     out = {"increments": ks, "epochs_per_increment": epochs_per_increment, "loss": [], "test_epochs": [],
            "accuracy": [], "final_accuracy": []}
-    for i, k in enumerate(tqdm(ks, desc="dynamics", unit="increment", disable=not progress)):
+    for i, k in enumerate(progress_bar(ks, desc="dynamics", unit="increment", disable=not progress)):
         mask = increments <= k
         history = train_classifier(model, (images[mask], labels[mask]), phase,
                                    seed=derive_seed(seed, "dynamics", k), device=device, eval_data=test_data,

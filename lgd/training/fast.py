@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
-from tqdm.auto import tqdm
 
 from lgd.classifiers.base import fit_input
+from lgd.progress import progress_bar
 from lgd.training.recipes import Source, TrainHistory, augmenter, lr_milestones, recipe_loss
 
 STACKINGS = ("auto", "vmap", "loop")
@@ -336,7 +336,7 @@ def train_group(members, sources, section, *, epochs: int, batch_size: int,
     for m in members:
         if m.on_epoch is not None:
             m.on_epoch(0, m.model)
-    bar = tqdm(range(1, epochs + 1), desc=f"train {section.recipe}" + (f" x{len(members)}" if len(members) > 1 else ""),
+    bar = progress_bar(range(1, epochs + 1), desc=f"train {section.recipe}" + (f" x{len(members)}" if len(members) > 1 else ""),
                unit="epoch", leave=False, disable=not progress)
     with tf32(section.precision != "fp32"):  # strict fp32 only when asked for (CUDA reads it)
         for epoch in bar:

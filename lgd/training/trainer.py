@@ -55,11 +55,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lgd.classifiers.base import fit_input
 from lgd.config import TrainSection
 from lgd.errors import ConfigError, DataError, LgdError
+from lgd.progress import progress_bar
 from lgd.training.recipes import (
     RECIPES,
     Data,
@@ -296,7 +296,7 @@ def _train_reference(member: Member, source: Source, section: TrainSection, *, e
 
     if on_epoch is not None:
         on_epoch(0, model)
-    bar = tqdm(range(1, epochs + 1), desc=f"train {section.recipe}", unit="epoch", leave=False, disable=not progress)
+    bar = progress_bar(range(1, epochs + 1), desc=f"train {section.recipe}", unit="epoch", leave=False, disable=not progress)
     for epoch in bar:
         model.train()
         history.lr.append(optimizer.param_groups[0]["lr"])
