@@ -1,7 +1,7 @@
 """The `lgd` command line: `python -m lgd <command> ...` or the `lgd` console script.
 
-Commands: sample (unguided sampling), distill (an LGD run), evaluate and analyze (a run
-directory). Bad input ends with one clear message and exit code 2, never a traceback.
+Commands: sample (unguided sampling), distill (an LGD run), evaluate, analyze and export (a
+run directory). Bad input ends with one clear message and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS = {
     "distill": ("lgd.distill", "run LGD distillation into a run directory"),
     "evaluate": ("lgd.evaluate", "evaluate a run directory (accuracy table, report)"),
     "analyze": ("lgd.analyze", "the paper's analyses of a run directory"),
+    "export": ("lgd.export", "write a run's set as tensors and an ImageFolder tree for other evaluators"),
 }
 
 

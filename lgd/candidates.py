@@ -17,7 +17,7 @@ from lgd.models import load_dit
 from lgd.models.loading import resolve_weights
 from lgd.models.vae import IdentityCodec, load_vae
 from lgd.planning import Job
-from lgd.rundir import Finished, image_name
+from lgd.rundir import Finished
 from lgd.seeding import NoiseStream, derive_seed
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,7 @@ class CandidateGenerator:
         finished = []
         for w in winners:
             cls, slot, cand = jobs[w]
-            record = {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
-                      "seed": seeds[w], "candidate": cand, "kind": tag}
+            record = {"stage": stage, "class": cls, "slot": slot, "seed": seeds[w], "candidate": cand, "kind": tag}
             if score is not None:
                 group = slice(w - cand, w - cand + kappa)
                 record.update(S=s_all[w].item(), ce_student=ce_s[w].item(), ce_reference=ce_r[w].item(),

@@ -40,7 +40,7 @@ from lgd.guidance.factory import GuidanceFactory, guidance_factory
 from lgd.kernels.policy import kernel_mode, resolve_mode
 from lgd.planning import plan_rounds
 from lgd.progress import RunProgress, progress_bar
-from lgd.rundir import Finished, RunDir, image_name, load_synthetic
+from lgd.rundir import Finished, RunDir, load_synthetic
 from lgd.runtime import Runtime, compute_environment, pin_threads
 from lgd.seeding import derive_seed
 
@@ -103,11 +103,13 @@ class Distiller:
             self._log = self.run.open_log(rt.rank, rt.world)
             self.run.remove_leftovers()
             self.run.claim(c)
+            self.run.use_class_folders(self.train_set, dit_classes)
             self.run.repair()
             recorded = self.run.pin_environment(compute_environment(self.device, rt.world))
             warn_deviation_scale(c, self.generator.sampler.latent_shape)
         self._threads = torch.get_num_threads()
         recorded = rt.share(recorded)  # also: the run directory is claimed, every rank may log into it
+        self.run.folders = rt.share(self.run.folders)
         if not rt.is_main:
             self._log = self.run.open_log(rt.rank, rt.world)
         log.info("lgd %s, torch %s, %s, %d process(es), %d thread(s) each", recorded["lgd"], recorded["torch"],
@@ -242,8 +244,7 @@ class Distiller:
             if self.runtime.is_main and not root.is_finished(stage, cls, slot):
                 with torch.no_grad():
                     latent = self.generator.codec.encode(image[None].to(self.device))[0].cpu()
-                record = {"file": image_name(stage, cls, slot), "stage": stage, "class": cls, "slot": slot,
-                          "kind": "random", "real_index": i}
+                record = {"stage": stage, "class": cls, "slot": slot, "kind": "random", "real_index": i}
                 finished.append(Finished(stage, cls, slot, image, latent, record))
         self.write(root, finished)
         for cls in range(self.num_classes):

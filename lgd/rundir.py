@@ -7,7 +7,9 @@
       log.txt                          every start's log lines, all processes (INFO and up)
       .lock                            held by the main process of the run using the folder
       done.json                        written when every set is complete
-      images/<class>/<stage>-<slot>.png  the distilled set, ImageFolder layout
+      images/<class>/<stage>-<slot>.png  the distilled set, ImageFolder layout; <class> is the class's
+                                       identity (WordNet id, or the class name), see classes.json
+      classes.json                     folder -> class index, name, WordNet id, the DiT's label
       records/<stage>/<class>-<slot>.json  per-image metadata (stage, class, seed, S, losses)
       latents/<stage>/<class>-<slot>.safetensors  the image's final latent
       models/*.safetensors             reference, stage and surrogate classifiers
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +64,20 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
 
 
-def image_name(stage: int, cls: int, slot: int) -> str:
-    return f"images/{cls:04d}/{stage:02d}-{slot:05d}.png"
+def image_name(stage: int, cls: int, slot: int, folder: str | None = None) -> str:
+    """An image's path; `folder` is its class's folder (runs before lgd 0.1 used the index)."""
+    return f"images/{folder or f'{cls:04d}'}/{stage:02d}-{slot:05d}.png"
+
+
+def class_folders(dataset) -> list[str]:
+    """The folder of each class: its WordNet id (ImageNet-derived data), else its name made
+    safe for a path. Sorted-folder readers (torchvision's ImageFolder) then pair the set with
+    a real split of the same layout, whatever the order of the classes in lgd."""
+    names = getattr(dataset, "class_ids", None) or dataset.classes
+    folders = [re.sub(r"[^\w.-]+", "-", str(name)).strip("-") or f"{i:04d}" for i, name in enumerate(names)]
+    if len(set(folders)) != len(folders):
+        return [f"{i:04d}" for i in range(len(folders))]
+    return folders
 
 
 def record_name(stage: int, cls: int, slot: int) -> str:
@@ -88,8 +103,9 @@ class Finished:
 class RunDir:
     """A run directory (or a baseline folder inside one): its files, written atomically."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, folders: list[str] | None = None):
         self.path = Path(path)
+        self.folders = folders  # each class's image folder (None: the class index, the old layout)
         self._lock = None
 
     def __truediv__(self, name: str) -> Path:
@@ -101,7 +117,23 @@ class RunDir:
 
     def sub(self, name: str) -> "RunDir":
         """A set stored inside this one (baselines/<name>) with the same layout."""
-        return RunDir(self.path / name)
+        return RunDir(self.path / name, self.folders)
+
+    def image(self, stage: int, cls: int, slot: int) -> str:
+        return image_name(stage, cls, slot, self.folders[cls] if self.folders else None)
+
+    def use_class_folders(self, dataset, dit_classes: list[int]) -> None:
+        """Name the image folders by class identity and write classes.json, unless the run was
+        started with the old numbered folders (then it keeps them, so a resume stays consistent)."""
+        records = sorted(self.path.glob("records/*/*.json"))
+        if records and read_json(records[0])["file"].split("/")[1].isdigit():
+            log.info("%s keeps its numbered class folders (written by an older lgd)", self.path)
+            return
+        self.folders = class_folders(dataset)
+        ids = getattr(dataset, "class_ids", None)
+        write_json(self.path / "classes.json", [
+            {"folder": folder, "index": i, "name": dataset.classes[i], "wnid": ids[i] if ids else None,
+             "dit_label": dit_classes[i]} for i, folder in enumerate(self.folders)])
 
     # --- the folder -----------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -241,11 +273,12 @@ class RunDir:
     def write(self, finished: list[Finished]) -> None:
         """PNG, latent and (last) record of each image; the record holds both files' checksums."""
         for f in finished:
-            png, latent = self.path / image_name(f.stage, f.cls, f.slot), self.path / latent_name(f.stage, f.cls, f.slot)
+            name = self.image(f.stage, f.cls, f.slot)
+            png, latent = self.path / name, self.path / latent_name(f.stage, f.cls, f.slot)
             write_png(png, f.image)
             write_tensors(latent, {"latent": f.latent})
             write_json(self.path / record_name(f.stage, f.cls, f.slot),
-                       {**f.record, "sha256": {"png": sha256(png), "latent": sha256(latent)}})
+                       {"file": name, **f.record, "sha256": {"png": sha256(png), "latent": sha256(latent)}})
 
     def repair(self) -> list[str]:
         """Treat every image whose record is unreadable, or whose PNG or latent is missing or
@@ -265,7 +298,7 @@ class RunDir:
         """Link every finished initial-stage image of `run` into this folder (a baseline of the initial increment's method)."""
         for record in sorted((run / "records" / "01").glob("*.json")):
             cls, slot = (int(p) for p in record.stem.split("-"))
-            for rel in (image_name(1, cls, slot), latent_name(1, cls, slot), record_name(1, cls, slot)):
+            for rel in (read_json(record)["file"], latent_name(1, cls, slot), record_name(1, cls, slot)):
                 _link(run / rel, self.path / rel)
 
     # --- other files ----------------------------------------------------------------------
@@ -342,10 +375,10 @@ def _damage(root: Path, record: Path) -> str | None:
     except (ValueError, KeyError, TypeError, OSError):
         return "the record is unreadable"
     sums = meta.get("sha256", {})
-    for kind, name in (("png", image_name(stage, cls, slot)), ("latent", latent_name(stage, cls, slot))):
+    for kind, name in (("png", meta.get("file", "")), ("latent", latent_name(stage, cls, slot))):
         path = root / name
-        if not path.is_file():
-            return f"{name} is missing"
+        if not name or not path.is_file():
+            return f"{name or 'its image'} is missing"
         if kind in sums and sha256(path) != sums[kind]:
             return f"{name} does not match its record's checksum"
     return None

@@ -205,6 +205,7 @@ def test_compile_on_cpu_uses_plain_attention(compiled):
     assert {type(p).__name__ for p in codec.vae.attn_processors.values()} != {"AttnProcessor"}
 
 
+@pytest.mark.slow
 def test_compiled_dit_cfg_forward_and_input_gradient_match_eager(compiled):
     dit, _, fast, _ = compiled
     x, t, y = step_inputs()
@@ -217,6 +218,7 @@ def test_compiled_dit_cfg_forward_and_input_gradient_match_eager(compiled):
     assert rel_err(actual, expected) <= 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_vae_decode_input_gradient_matches_eager(compiled):
     """The guided step's decode. Regression test: with inductor's default layout optimisation
     this gradient came out all zero (see lgd/acceleration.py)."""
@@ -347,6 +349,7 @@ def check_compiled_influence_gradient(eager: InfluenceLoss, fast: InfluenceLoss,
     assert rel_err(fast.input_gradient(images, labels), expected) <= 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_influence_gradient_matches_eager(compiled_influence):
     """IGD's double-backward region compiled whole (torch.compile of the torch.func gradient):
     the same gradient w.r.t. the images as autograd's eager double backward, at the guided
@@ -360,6 +363,7 @@ def test_compiled_influence_gradient_at_a_second_batch_size(compiled_influence):
     check_compiled_influence_gradient(*compiled_influence, BATCH + 1)
 
 
+@pytest.mark.slow
 def test_igd_guided_sampling_compile_on_and_off_agree(compiled, compiled_influence):
     """IGD guidance through DiT (CFG) and VAE decode, the compiled influence gradient chained to
     x_t by one backward, against the all-eager autograd double backward; 4 steps, 2 guided."""

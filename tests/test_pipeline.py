@@ -209,6 +209,7 @@ def test_reference_engine_runs_no_fused_kernel(tiny_models, tmp_path, monkeypatc
     assert seen == ["fused", "torch", "auto"]
 
 
+@pytest.mark.slow
 def test_a_resume_computes_with_the_thread_count_the_run_started_with(tiny_models, tmp_path, monkeypatch):
     """The first start records the intra-op thread count (environment.json). A resume under
     another count computes with the recorded one (logged in history.jsonl), so it ends
@@ -267,6 +268,7 @@ def test_a_resume_removes_what_interrupted_writes_left(tmp_path):
     assert not any(path.exists() for path in left) and kept.read_bytes() == b"finished"
 
 
+@pytest.mark.slow
 def test_a_resume_repairs_damaged_files_bit_for_bit(tiny_models, tmp_path, caplog):
     """Records hold the checksums of their PNG and latent. A rerun over a truncated PNG, a
     missing latent, a broken record and truncated cached models (the surrogate and a stage
@@ -318,6 +320,7 @@ def test_a_resume_may_change_how_to_compute_but_not_what_to_make(tmp_path):
         run.claim(load_config("demo", how + ["lgd.lam=3", "sampling.steps=30"]))
 
 
+@pytest.mark.slow
 def test_a_run_keeps_a_log_its_training_histories_and_its_environment(tiny_models, tmp_path, caplog):
     overrides = tiny_overrides(tiny_models, **{"eval.baselines": []})
     caplog.set_level("INFO", logger="lgd")
