@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 class ClassifierCache:
     def __init__(self, run: RunDir, runtime: Runtime, factory: ClassifierFactory, config: Config,
-                 device: torch.device, progress: bool = True):
+                 device: torch.device, progress: bool = True, track=None):
         self.run, self.runtime, self.factory, self.config = run, runtime, factory, config
         self.device, self.progress = device, progress
+        self.track = track  # (values, step) -> None: the run's tracker, if any
 
     def spec(self, section: TrainSection, image_size: int | None = None) -> dict:
         return self.factory.spec(section.network, image_size, **section.model_overrides())
@@ -58,6 +59,9 @@ class ClassifierCache:
                                    runtime=self.runtime if self.together(section) else None, **kwargs)
         seconds = time.perf_counter() - start
         log.info("trained the %s classifier in %.1f s (%d epochs)", name, seconds, history.epochs)
+        if self.runtime.is_main and self.track is not None:
+            for epoch, loss in enumerate(history.loss, 1):
+                self.track({f"training/{name}/loss": loss}, epoch)
         if self.runtime.is_main:
             write_json(self.run.model_path(name).with_suffix(".history.json"),
                        {"epochs": history.epochs, "loss": history.loss, "lr": history.lr,

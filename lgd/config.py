@@ -184,6 +184,7 @@ class Config:
     # Minutes a process of a multi-process run waits for the others at a barrier: it must cover
     # what the main process does alone (training theta*, IGD's surrogate: hours at ImageNet scale).
     distributed_timeout: float = 180.0
+    tracker: str = "none"  # none | tensorboard | wandb: stage rates and training losses through Accelerate's trackers
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
@@ -458,6 +459,10 @@ def validate(config: Config) -> None:
         resolve_mode(s.kernels)
     with problems.collect():
         _check_attention(config)
+    with problems.collect():
+        from lgd.tracking import check_tracker
+
+        check_tracker(config.tracker)
     check(config.distributed_timeout > 0, f"distributed_timeout must be positive (minutes), got {config.distributed_timeout}")
     st = config.stages
     check(st.increment >= 1, f"stages.increment must be at least 1, got {st.increment}")

@@ -42,6 +42,7 @@ from lgd.planning import plan_rounds
 from lgd.progress import RunProgress, progress_bar
 from lgd.rundir import Finished, RunDir, load_synthetic
 from lgd.runtime import Runtime, compute_environment, pin_threads
+from lgd.tracking import open_tracker
 from lgd.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,26 @@ class Distiller:
         self.stages = config.stages.ipc // config.stages.increment
 
     def prepare(self) -> None:
-        """Open the weights and the data (each loader names what is wrong with its file), then
+        """Open the data and the weights (each loader names what is wrong with its file), then
         claim the run directory: a start that fails on its inputs leaves nothing behind."""
         c, rt = self.config, self.runtime
+        dit_classes = self._open_inputs()
+        self.candidates = CandidateGenerator(self.generator, dit_classes, self.device, engine=c.sampling.engine,
+                                             seed=c.seed, batch_size=c.sampling.batch_size)
+        factory = ClassifierFactory(self.train_set.channels, self.num_classes, c.data.classifier_input)
+        self.classifiers = ClassifierCache(self.run, rt, factory, c, self.device, self.progress, track=self.track)
+        self._threads = torch.get_num_threads()
+        recorded = rt.share(self._claim(dit_classes) if rt.is_main else None)  # every rank waits for the claim
+        self.run.folders = rt.share(self.run.folders)
+        if not rt.is_main:
+            self._log = self.run.open_log(rt.rank, rt.world)
+        log.info("lgd %s, torch %s, %s, %d process(es), %d thread(s) each", recorded["lgd"], recorded["torch"],
+                 self.device, rt.world, recorded["threads"])
+        pin_threads(recorded["threads"])  # every rank computes with the run's thread count
+
+    def _open_inputs(self) -> list[int]:
+        """The training set and the generator, checked against each other; the DiT label of each class."""
+        c = self.config
         problems = Problems()  # the data's and the weights' problems, in one message
         with problems.collect(LgdError):
             self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)  # cheap: first
@@ -92,29 +110,23 @@ class Distiller:
         if self.generator.codec.image_channels != self.train_set.channels:
             raise ConfigError(f"the generator makes {self.generator.codec.image_channels}-channel images, "
                               f"the dataset has {self.train_set.channels}")
-        self.candidates = CandidateGenerator(self.generator, dit_classes, self.device, engine=c.sampling.engine,
-                                             seed=c.seed, batch_size=c.sampling.batch_size)
-        factory = ClassifierFactory(self.train_set.channels, self.num_classes, c.data.classifier_input)
-        self.classifiers = ClassifierCache(self.run, rt, factory, c, self.device, self.progress)
-        recorded = None
-        if rt.is_main:
-            self.run.check_writable()
-            self.run.lock()
-            self._log = self.run.open_log(rt.rank, rt.world)
-            self.run.remove_leftovers()
-            self.run.claim(c)
-            self.run.use_class_folders(self.train_set, dit_classes)
-            self.run.repair()
-            recorded = self.run.pin_environment(compute_environment(self.device, rt.world))
-            warn_deviation_scale(c, self.generator.sampler.latent_shape)
-        self._threads = torch.get_num_threads()
-        recorded = rt.share(recorded)  # also: the run directory is claimed, every rank may log into it
-        self.run.folders = rt.share(self.run.folders)
-        if not rt.is_main:
-            self._log = self.run.open_log(rt.rank, rt.world)
-        log.info("lgd %s, torch %s, %s, %d process(es), %d thread(s) each", recorded["lgd"], recorded["torch"],
-                 self.device, rt.world, recorded["threads"])
-        pin_threads(recorded["threads"])  # every rank computes with the run's thread count
+        return dit_classes
+
+    def _claim(self, dit_classes: list[int]) -> dict:
+        """The main process takes the run directory: lock, log, config (resume rules), class
+        folders, repairs, the recorded environment (returned), the tracker."""
+        c, run = self.config, self.run
+        run.check_writable()
+        run.lock()
+        self._log = run.open_log(self.runtime.rank, self.runtime.world)
+        run.remove_leftovers()
+        run.claim(c)
+        run.use_class_folders(self.train_set, dit_classes)
+        run.repair()
+        recorded = run.pin_environment(compute_environment(self.device, self.runtime.world))
+        self.tracker = open_tracker(c.tracker, run.path, c.to_dict())
+        warn_deviation_scale(c, self.generator.sampler.latent_shape)
+        return recorded
 
     # --- the whole run ------------------------------------------------------------------
     def run_all(self) -> Path:
@@ -127,8 +139,15 @@ class Distiller:
             self.close()
         return self.run.path
 
+    def track(self, values: dict, step: int) -> None:
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.log(values, step=step)
+
     def close(self) -> None:
         """Finish with the other processes, release the run directory, restore the thread count."""
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.finish()
+            self.tracker = None
         self.runtime.shutdown()
         self.run.release()
         if getattr(self, "_threads", None):
@@ -226,6 +245,7 @@ class Distiller:
             seconds = time.perf_counter() - start
             log.info("%s stage %d: %d image(s) made in %.1f s (%.2f images/s, %d candidates each)", root.name, stage,
                      made, seconds, made / seconds, kappa)
+            self.track({f"sampling/{root.name}/images_per_s": made / seconds}, stage)
 
     def write(self, root: RunDir, finished: list[Finished]) -> None:
         """The main process writes; all ranks wait."""

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # a finished image. The rest (model, data, stages, lgd/igd settings, steps, CFG, precision, seed,
 # round planning...) define the images: a resume that changes one of them is refused.
 RESUMABLE = (
-    "sampling.batch_size", "sampling.compile", "sampling.kernels", "sampling.tf32", "sampling.checkpoint_decoder",
+    "tracker", "sampling.batch_size", "sampling.compile", "sampling.kernels", "sampling.tf32", "sampling.checkpoint_decoder",
     "model.attention", "device", "distributed_timeout", "eval.*",
     *(f"{section}.{field}" for section in ("lgd.stage_model", "lgd.reference_model", "igd.surrogate")
       for field in ("engine", "compile", "micro_batch", "stacking", "group_size", "distributed")),
@@ -57,7 +57,7 @@ RESUMABLE = (
 # Of those, the ones that cannot change a bit of what is still to be made (the others change
 # the float order, so the images made after the resume may differ in their last bits from an
 # uninterrupted run's; the history says so).
-BIT_NEUTRAL = ("distributed_timeout", "eval.*", "sampling.checkpoint_decoder")
+BIT_NEUTRAL = ("tracker", "distributed_timeout", "eval.*", "sampling.checkpoint_decoder")
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

@@ -113,9 +113,23 @@ def compute_environment(device: torch.device, world: int) -> dict:
     """What, besides the config, changes the bits a run computes."""
     import lgd
 
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "lgd": lgd.__version__,
-            "device": device.type, "processes": world,
+    import diffusers
+
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "lgd": lgd.__version__, "lgd_revision": source_revision(), "device": device.type, "processes": world,
             "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+def source_revision() -> str | None:
+    """The git commit of the lgd source in use, if it runs from a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def pin_threads(threads: int) -> None:

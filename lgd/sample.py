@@ -97,6 +97,8 @@ def _sample(args: argparse.Namespace) -> Path:
 
     jobs = [(c, k, derive_seed(args.seed, "sample", c, k)) for c in classes for k in range(args.per_class)]
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed `lgd sample` to the same --out
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     records = []
     try:

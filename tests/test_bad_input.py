@@ -210,3 +210,13 @@ def test_lgd_sample_takes_the_demo_models_and_rejects_bad_counts(tmp_path, capsy
                  "--steps", "2", "--no-progress"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["class"] for r in manifest["images"]] == [0]
+
+
+def test_lgd_sample_removes_what_a_killed_sample_left(tmp_path):
+    """A killed `lgd sample` leaves its staging folder next to --out; the next one removes it."""
+    out = tmp_path / "samples"
+    stale = tmp_path / ".samples.partial-abc123"
+    (stale / "0000").mkdir(parents=True)
+    assert main(["sample", "--dit", "demo", "--vae", "demo", "--out", str(out), "--classes", "1", "--steps", "2",
+                 "--no-progress"]) == 0
+    assert not stale.exists() and (out / "manifest.json").is_file()

@@ -80,3 +80,33 @@ def test_killed_two_process_run_resumes_to_the_same_files(one_process_run, overr
     assert len(list((out / "records" / "02").glob("*.json"))) < 20, "the kill should land mid-stage"
     run(launch(2, out, overrides))
     assert files(out) == files(one_process_run)
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_ends_its_workers(overrides, tmp_path):
+    """SIGKILL to `accelerate launch` alone (not its process group), mid-run: the workers end too
+    (torch's elastic agent takes them down), and the run directory's lock is free for the resume."""
+    import psutil
+
+    from lgd.rundir import RunDir
+
+    out = tmp_path / "orphaned"
+    process = subprocess.Popen(launch(2, out, overrides), env={**ENV, "ACCELERATE_USE_CPU": "true"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while len(list((out / "records" / "02").glob("*.json"))) < 2 and time.time() < deadline:  # mid-run
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        workers = psutil.Process(process.pid).children(recursive=True)
+        assert len(workers) >= 2
+        process.kill()
+        process.wait()
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, [w.pid for w in alive]
+        assert not RunDir(out).busy()
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass

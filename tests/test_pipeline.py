@@ -281,7 +281,7 @@ def test_a_resume_repairs_damaged_files_bit_for_bit(tiny_models, tmp_path, caplo
     assert set(record["sha256"]) == {"png", "latent"}
     run = tmp_path / "run"
     shutil.copytree(whole, run)
-    png = run / "images" / "0003" / "02-00002.png"
+    png = run / record["file"]
     png.write_bytes(png.read_bytes()[:40])
     (run / "latents" / "01" / "0005-00001.safetensors").unlink()
     (run / "records" / "02" / "0007-00003.json").write_text("{not json")
@@ -292,7 +292,7 @@ def test_a_resume_repairs_damaged_files_bit_for_bit(tiny_models, tmp_path, caplo
         Distiller(load_config("demo", overrides), run, progress=False).run_all()
     assert files(run) == files(whole)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("02-00002.png does not match its record's checksum" in m for m in warned)
+    assert any(f"{record['file']} does not match its record's checksum" in m for m in warned)
     assert any("latents/01/0005-00001.safetensors is missing" in m for m in warned)
     assert any("0007-00003.json: the record is unreadable" in m for m in warned)
     assert sum("is damaged" in m and "trained again" in m for m in warned) == 2
@@ -334,3 +334,41 @@ def test_a_run_keeps_a_log_its_training_histories_and_its_environment(tiny_model
         assert len(history["loss"]) == history["epochs"] == len(history["lr"]) >= 1
     environment = json.loads((run / "environment.json").read_text())
     assert environment["threads"] == torch.get_num_threads() and environment["torch"] == torch.__version__
+
+
+def test_an_optional_tracker_gets_the_stage_rates_and_training_losses(tiny_models, tmp_path, monkeypatch):
+    """tracker=tensorboard goes through Accelerate's TensorBoardTracker (faked here: neither
+    tensorboard nor wandb is a dependency); without the package the config is refused in one line."""
+    import accelerate.tracking
+
+    from lgd import tracking
+    from lgd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tracker=wandb needs the wandb package"):
+        load_config("demo", ["tracker=wandb"])
+    logged, stored = [], []
+
+    class FakeTracker:
+        def __init__(self, run_name, logging_dir):
+            self.where = (run_name, logging_dir)
+
+        def start(self):
+            pass
+
+        def store_init_configuration(self, values):
+            stored.append(values)
+
+        def log(self, values, step):
+            logged.append((values, step))
+
+        def finish(self):
+            logged.append("finished")
+
+    monkeypatch.setattr(tracking, "check_tracker", lambda kind: None)
+    monkeypatch.setattr(accelerate.tracking, "TensorBoardTracker", FakeTracker)
+    overrides = tiny_overrides(tiny_models, **{"eval.baselines": [], "tracker": "tensorboard"})
+    Distiller(load_config("demo", overrides), tmp_path / "run", progress=False).run_all()
+    assert stored[0]["lgd.lam"] == load_config("demo").lgd.lam
+    keys = {key for entry in logged if entry != "finished" for key in entry[0]}
+    assert {"sampling/run/images_per_s", "training/reference/loss", "training/stage_02/loss"} <= keys
+    assert logged[-1] == "finished"
