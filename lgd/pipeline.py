@@ -40,6 +40,7 @@ from lgd.guidance.factory import GuidanceFactory, guidance_factory
 from lgd.kernels.policy import kernel_mode, resolve_mode
 from lgd.planning import plan_rounds
 from lgd.progress import RunProgress, progress_bar
+from lgd.resume import claim, pin_environment
 from lgd.rundir import Finished, RunDir, load_synthetic
 from lgd.runtime import Runtime, compute_environment, pin_threads
 from lgd.tracking import open_tracker
@@ -120,10 +121,10 @@ class Distiller:
         run.lock()
         self._log = run.open_log(self.runtime.rank, self.runtime.world)
         run.remove_leftovers()
-        run.claim(c)
+        claim(run, c)
         run.use_class_folders(self.train_set, dit_classes)
         run.repair()
-        recorded = run.pin_environment(compute_environment(self.device, self.runtime.world))
+        recorded = pin_environment(run, compute_environment(self.device, self.runtime.world))
         self.tracker = open_tracker(c.tracker, run.path, c.to_dict())
         warn_deviation_scale(c, self.generator.sampler.latent_shape)
         return recorded

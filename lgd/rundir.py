@@ -2,7 +2,7 @@
 
     RUN/
       config.yaml                      the resolved config (written before any work)
-      history.jsonl                    one line per resume that changed a RESUMABLE field or the environment
+      history.jsonl                    one line per resume that changed a field or the environment (lgd/resume.py)
       environment.json                 what changes the bits besides the config (threads, versions, device)
       log.txt                          every start's log lines, all processes (INFO and up)
       .lock                            held by the main process of the run using the folder
@@ -22,11 +22,8 @@ folder and its lock; the functions below read a finished run.
 """
 from __future__ import annotations
 
-import datetime
 import fcntl
-import fnmatch
 import hashlib
-import json
 import logging
 import os
 import re
@@ -36,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -44,25 +40,6 @@ from lgd.errors import ConfigError, DamagedFileError, DataError, LgdError
 from lgd.files import atomic_path, read_json, write_json, write_png, write_tensors
 
 log = logging.getLogger(__name__)
-
-# Config fields a resume may change: they say how to compute, not what to make, and never touch
-# a finished image. The rest (model, data, stages, lgd/igd settings, steps, CFG, precision, seed,
-# round planning...) define the images: a resume that changes one of them is refused.
-RESUMABLE = (
-    "tracker", "sampling.batch_size", "sampling.compile", "sampling.kernels", "sampling.tf32", "sampling.checkpoint_decoder",
-    "model.attention", "device", "distributed_timeout", "eval.*",
-    *(f"{section}.{field}" for section in ("lgd.stage_model", "lgd.reference_model", "igd.surrogate")
-      for field in ("engine", "compile", "micro_batch", "stacking", "group_size", "distributed")),
-)
-# Of those, the ones that cannot change a bit of what is still to be made (the others change
-# the float order, so the images made after the resume may differ in their last bits from an
-# uninterrupted run's; the history says so).
-BIT_NEUTRAL = ("tracker", "distributed_timeout", "eval.*", "sampling.checkpoint_decoder")
-
-
-def _matches(key: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
-
 
 def image_name(stage: int, cls: int, slot: int, folder: str | None = None) -> str:
     """An image's path; `folder` is its class's folder (runs before lgd 0.1 used the index)."""
@@ -192,37 +169,6 @@ class RunDir:
             self._lock.close()
             self._lock = None
 
-    def claim(self, config) -> None:
-        """Write the resolved config, or check that a resumed run uses the same one up to the
-        RESUMABLE fields; a change to those rewrites config.yaml and is appended to history.jsonl."""
-        from lgd.config import Config
-
-        wanted = config.to_dict()
-        path = self.path / "config.yaml"
-        if path.exists():
-            try:  # fields added to Config since the run started take their defaults
-                found = Config.from_dict(yaml.safe_load(path.read_text())).to_dict()
-            except ConfigError as exc:
-                raise ConfigError(f"{path} does not fit this version of lgd: {exc}") from None
-            diff = sorted(_diff(found, wanted))
-            refused = [key for key in diff if not _matches(key, RESUMABLE)]
-            if refused:
-                raise ConfigError(f"{self.path} was started with a different config ({', '.join(refused[:5])}); "
-                                  "use a new --out folder or the same settings")
-            log.info("resuming the run in %s", self.path)
-            if not diff:
-                return
-            changed = {key: [_get(found, key), _get(wanted, key)] for key in diff}
-            log.info("this resume changes %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-            bits = [key for key in diff if not _matches(key, BIT_NEUTRAL)]
-            if bits:
-                log.warning("%s may change the last bits of the images still to be made (finished ones are kept)",
-                            ", ".join(bits))
-            self._history("resume", changed, may_change_bits=bits)
-        self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            tmp.write_text(yaml.safe_dump(wanted, sort_keys=False))
-
     def busy(self) -> bool:
         """Whether a running lgd distill holds this folder's lock."""
         path = self.path / ".lock"
@@ -235,33 +181,6 @@ class RunDir:
                 return True
             fcntl.flock(handle, fcntl.LOCK_UN)
         return False
-
-    def pin_environment(self, current: dict) -> dict:
-        """The environment the run started under (environment.json, written at the first start).
-        A resume computes with the run's thread count; other differences (torch version,
-        device, process count) are kept in history.jsonl, since they may change the last bits
-        of the images still to be made (finished ones are never touched)."""
-        path = self.path / "environment.json"
-        if not path.exists():
-            write_json(path, current)
-            return current
-        recorded = read_json(path)
-        changed = {k: [recorded.get(k), v] for k, v in current.items() if recorded.get(k) != v}
-        if changed:
-            self._history("environment", changed)
-            # the thread count is pinned, and the process count does not change the bits
-            differs = {k: v for k, v in changed.items() if k not in ("threads", "processes")}
-            if differs:
-                log.warning("this resume runs under a different %s than the run's start (%s): the images "
-                            "still to be made may differ in their last bits from an uninterrupted run's",
-                            ", ".join(differs), ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differs.items()))
-        return recorded
-
-    def _history(self, event: str, changed: dict, **extra) -> None:
-        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "event": event, "changed": changed, **extra}
-        with open(self.path / "history.jsonl", "a") as history:
-            history.write(json.dumps(entry) + "\n")
 
     # --- images ---------------------------------------------------------------------------
     def is_finished(self, stage: int, cls: int, slot: int) -> bool:
@@ -322,20 +241,6 @@ class RunDir:
 
     def mark_done(self, images: int, stages: int) -> None:
         write_json(self.path / "done.json", {"images": images, "stages": stages})
-
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
-def _diff(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in set(a) | set(b):
-            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
-    elif a != b:
-        yield prefix.rstrip(".")
 
 
 def _link(src: Path, dst: Path) -> None:

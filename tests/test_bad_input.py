@@ -10,6 +10,7 @@ import yaml
 from lgd.__main__ import main
 from lgd.demo.models import demo_paths
 from lgd.files import write_json
+from lgd.resume import claim
 from lgd.rundir import RunDir
 from tests.helpers import SET_SIZE, tiny_dit_file, write_set
 
@@ -195,7 +196,7 @@ def test_a_resume_with_a_changed_image_field_is_one_line(tmp_path, capsys):
     from lgd.config import load_config
 
     run = tmp_path / "run"
-    RunDir(run).claim(load_config("demo"))
+    claim(RunDir(run), load_config("demo"))
     stored = (run / "config.yaml").read_text()
     assert main(["distill", "--config", "demo", "--out", str(run), "lgd.lam=3"]) == 2
     assert "was started with a different config (lgd.lam)" in error_line(capsys)

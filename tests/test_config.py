@@ -72,13 +72,14 @@ def test_validation_is_pure_files_are_checked_where_they_are_opened(tmp_path):
     (lgd distill's loaders name them before anything is written, see test_cli.py), and a run
     directory is evaluated with its own model paths, not ones forced to exist."""
     from lgd.assessment import load_run_config
+    from lgd.resume import claim
     from lgd.rundir import RunDir
 
     missing = ["model.dit=/no/such/file.pt", "model.vae=/no/such/vae", "data.name=imagefolder",
                "data.root=/no/such/folder"]
     config = load_config("demo", missing)
     assert (config.model.dit, config.data.root) == ("/no/such/file.pt", "/no/such/folder")
-    RunDir(tmp_path).claim(config)
+    claim(RunDir(tmp_path), config)
     assert load_run_config(tmp_path).model.dit == "/no/such/file.pt"
 
 

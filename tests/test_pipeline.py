@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from lgd.config import Config, load_config
 from lgd.errors import ConfigError
 from lgd.pipeline import Distiller
+from lgd.resume import claim
 from lgd.rundir import RunDir
 from lgd.rundir import finished_records, load_synthetic
 from tests.helpers import files, tiny_overrides
@@ -77,17 +78,17 @@ def test_resume_fills_fields_added_since_the_run_started(tmp_path):
     import yaml
 
     config = load_config("demo")
-    RunDir(tmp_path).claim(config)
+    claim(RunDir(tmp_path), config)
     stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del stored["sampling"]["precision"], stored["lgd"]["rho_scale"]  # as if written by an older lgd
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
-    RunDir(tmp_path).claim(config)  # no error
+    claim(RunDir(tmp_path), config)  # no error
     with pytest.raises(ConfigError, match=r"different config \(stages.ipc\)"):
-        RunDir(tmp_path).claim(load_config("demo", ["stages.ipc=20"]))
+        claim(RunDir(tmp_path), load_config("demo", ["stages.ipc=20"]))
     stored["sampling"]["old_knob"] = 1
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
     with pytest.raises(ConfigError, match="does not fit this version.*unknown config key.*sampling.old_knob"):
-        RunDir(tmp_path).claim(config)
+        claim(RunDir(tmp_path), config)
 
 
 @pytest.mark.slow
@@ -306,10 +307,10 @@ def test_a_resume_may_change_how_to_compute_but_not_what_to_make(tmp_path):
     from lgd.errors import ConfigError
 
     run = RunDir(tmp_path)
-    run.claim(load_config("demo"))
+    claim(run, load_config("demo"))
     how = ["sampling.batch_size=7", "device=cpu", "eval.runs=1", "sampling.compile=true",
            "lgd.stage_model.micro_batch=8"]
-    run.claim(load_config("demo", how))
+    claim(run, load_config("demo", how))
     entry = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])
     assert set(entry["changed"]) == {"sampling.batch_size", "device", "eval.runs", "sampling.compile",
                                      "lgd.stage_model.micro_batch"}
@@ -317,7 +318,7 @@ def test_a_resume_may_change_how_to_compute_but_not_what_to_make(tmp_path):
     assert "eval.runs" not in entry["may_change_bits"] and "sampling.batch_size" in entry["may_change_bits"]
     assert load_config(tmp_path / "config.yaml").sampling.batch_size == 7
     with pytest.raises(ConfigError, match=r"different config \(lgd.lam, sampling.steps\)"):
-        run.claim(load_config("demo", how + ["lgd.lam=3", "sampling.steps=30"]))
+        claim(run, load_config("demo", how + ["lgd.lam=3", "sampling.steps=30"]))
 
 
 @pytest.mark.slow
