@@ -18,14 +18,14 @@ import yaml
 from lgd.errors import ConfigError
 from lgd.files import atomic_path, read_json, write_json
 
-log = logging.getLogger("lgd.rundir")
+log = logging.getLogger(__name__)
 
 # Config fields a resume may change: they say how to compute, not what to make, and never touch
 # a finished image. The rest (model, data, stages, lgd/igd settings, steps, CFG, precision, seed,
 # round planning...) define the images: a resume that changes one of them is refused.
 RESUMABLE = (
-    "tracker", "sampling.batch_size", "sampling.compile", "sampling.kernels", "sampling.tf32", "sampling.checkpoint_decoder",
-    "model.attention", "device", "distributed_timeout", "eval.*",
+    "tracker", "device", "distributed_timeout", "eval.*", "model.attention",
+    "sampling.batch_size", "sampling.compile", "sampling.kernels", "sampling.tf32", "sampling.checkpoint_decoder",
     *(f"{section}.{field}" for section in ("lgd.stage_model", "lgd.reference_model", "igd.surrogate")
       for field in ("engine", "compile", "micro_batch", "stacking", "group_size", "distributed")),
 )
