@@ -62,3 +62,21 @@ def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "model.dit=facebook/DiT-XL-2-256 is neither a local path nor in the local Hugging Face cache" in err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["distill", "evaluate", "analyze"])
+def test_every_command_runs_as_a_script_and_its_help_shows_defaults(command):
+    """`python lgd/<command>.py` (what `accelerate launch lgd/<command>.py` runs) is the command;
+    help texts show the defaults."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lgd
+
+    script = Path(lgd.__file__).parent / f"{command}.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: lgd {command}" in result.stdout and "--no-progress" in result.stdout
+    if command == "analyze":
+        assert "(default: 1)" in " ".join(result.stdout.split())  # --eval-every
