@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from lgd.acceleration import apply_speedups
-from lgd.config import Config
+from lgd.config import Config, Problems
 from lgd.diffusion.sampler import Guidance, Sampler, SamplerSettings
-from lgd.errors import ConfigError, LgdError
+from lgd.errors import LgdError
 from lgd.models import load_dit
-from lgd.models.loading import resolve_weights
-from lgd.models.vae import IdentityCodec, load_vae
+from lgd.models.dit import DiTConfig
+from lgd.models.loading import read_dit_config, resolve_weights
+from lgd.models.vae import IdentityCodec, load_vae, vae_geometry
 from lgd.planning import Job
 from lgd.rundir import Finished
 from lgd.seeding import NoiseStream, derive_seed
@@ -40,7 +41,40 @@ class Generator:
         return self.sampler.diffusion.alphas_cumprod
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """What the generator's checkpoints say about it, read from headers and configs alone."""
+
+    dit: DiTConfig
+    image_channels: int
+    latent_channels: int
+    downsample: int
+
+    @property
+    def image_size(self) -> int:
+        return self.dit.input_size * self.downsample
+
+
+def read_geometry(config: Config) -> Geometry:
+    """The generator's shapes without loading its weights; a DiT and VAE that do not fit
+    each other or data.image_size are refused here, before a load of gigabytes."""
+    dit = read_dit_config(resolve_weights(config.model.dit, "model.dit"), num_heads=config.model.dit_num_heads)
+    if config.model.vae == "identity":
+        geometry = Geometry(dit, dit.in_channels, dit.in_channels, 1)
+    else:
+        geometry = Geometry(dit, *vae_geometry(resolve_weights(config.model.vae, "model.vae")))
+    problems = Problems()
+    problems.check(geometry.latent_channels == dit.in_channels,
+                   f"the VAE makes {geometry.latent_channels}-channel latents; the DiT expects {dit.in_channels}")
+    problems.check(geometry.image_size == config.data.image_size,
+                   f"data.image_size {config.data.image_size} does not match the generator: DiT latents of "
+                   f"{dit.input_size} px x VAE factor {geometry.downsample} = {geometry.image_size} px")
+    problems.raise_if_any()
+    return geometry
+
+
 def load_generator(config: Config, device: torch.device) -> Generator:
+    read_geometry(config)  # the checks first, from the headers
     dit = load_dit(resolve_weights(config.model.dit, "model.dit"), num_heads=config.model.dit_num_heads, device=device)
     dit.eval().requires_grad_(False).set_attention_backend(config.model.attention)
     if config.model.vae == "identity":
@@ -48,13 +82,6 @@ def load_generator(config: Config, device: torch.device) -> Generator:
     else:
         codec = load_vae(resolve_weights(config.model.vae, "model.vae"), device=device)
     codec.eval().requires_grad_(False)
-    if codec.latent_channels != dit.config.in_channels:
-        raise ConfigError(f"the VAE makes {codec.latent_channels}-channel latents; the DiT expects {dit.config.in_channels}")
-    if dit.config.input_size * codec.downsample != config.data.image_size:
-        raise ConfigError(
-            f"data.image_size {config.data.image_size} does not match the generator: DiT latents of "
-            f"{dit.config.input_size} px x VAE factor {codec.downsample} = {dit.config.input_size * codec.downsample} px"
-        )
     s = config.sampling
     if s.engine == "fast":  # speed switches (lgd/acceleration.py); the reference engine stays eager fp32
         apply_speedups(dit, codec, compile=s.compile, precision=s.precision, fp32_guidance=s.fp32_guidance,

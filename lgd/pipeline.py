@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lgd.acceleration import tf32
-from lgd.candidates import CandidateGenerator, load_generator
+from lgd.candidates import CandidateGenerator, load_generator, read_geometry
 from lgd.classifier_cache import ClassifierCache
 from lgd.classifiers import ClassifierFactory
 from lgd.config import Config, Problems
@@ -100,17 +100,18 @@ class Distiller:
     def _open_inputs(self) -> list[int]:
         """The training set and the generator, checked against each other; the DiT label of each class."""
         c = self.config
-        problems = Problems()  # the data's and the weights' problems, in one message
+        problems = Problems()  # the data's and the checkpoints' problems, in one message
         with problems.collect(LgdError):
-            self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)  # cheap: first
+            self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
         with problems.collect(LgdError):
-            self.generator = load_generator(c, self.device)
+            geometry = read_geometry(c)  # headers and configs only, no weights yet
         problems.raise_if_any()
         self.num_classes = self.train_set.num_classes
-        dit_classes = model_class_map(self.train_set, self.generator.dit.config.num_classes, "the DiT")
-        if self.generator.codec.image_channels != self.train_set.channels:
-            raise ConfigError(f"the generator makes {self.generator.codec.image_channels}-channel images, "
+        dit_classes = model_class_map(self.train_set, geometry.dit.num_classes, "the DiT")
+        if geometry.image_channels != self.train_set.channels:
+            raise ConfigError(f"the generator makes {geometry.image_channels}-channel images, "
                               f"the dataset has {self.train_set.channels}")
+        self.generator = load_generator(c, self.device)  # everything fits: now the weights
         return dit_classes
 
     def _claim(self, dit_classes: list[int]) -> dict:

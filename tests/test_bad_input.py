@@ -221,3 +221,25 @@ def test_lgd_sample_removes_what_a_killed_sample_left(tmp_path):
     assert main(["sample", "--dit", "demo", "--vae", "demo", "--out", str(out), "--classes", "1", "--steps", "2",
                  "--no-progress"]) == 0
     assert not stale.exists() and (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.image_size=64"], "does not match the generator"),
+    (["model.vae=identity", "data.image_size=8"], "the generator makes 4-channel images"),
+    (["data.name=imagenette", "data.root={no_images}"], "class folder(s) with no"),
+])
+def test_a_misfit_is_found_from_the_headers_before_any_weights_load(inputs, tmp_path, capsys, monkeypatch,
+                                                                    overrides, message):
+    """The DiT's and VAE's shapes come from the safetensors header and config.json: a generator
+    that does not fit the data is refused without reading the weights (gigabytes for DiT-XL/2)."""
+    import lgd.candidates
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr(lgd.candidates, "load_dit", no_weights)
+    monkeypatch.setattr(lgd.candidates, "load_vae", no_weights)
+    out = tmp_path / "run"
+    assert main(["distill", "--config", "demo", "--out", str(out), *[fill(o, inputs) for o in overrides]]) == 2
+    assert message in error_line(capsys)
+    assert not out.exists()

@@ -103,6 +103,16 @@ def test_matches_diffusers_in_every_format(fmt, diffusers_ref, tmp_path):
     _assert_rel_close(out, expected)
 
 
+@pytest.mark.parametrize("fmt", ["diffusers", "pipeline", "official", "ours"])
+def test_the_config_reads_from_the_header_as_the_full_load_gives_it(fmt, diffusers_ref, tmp_path):
+    """read_dit_config (safetensors headers, memory-mapped torch files, no weight data) gives the
+    config load_dit builds from the full weights, in every format."""
+    from lgd.models.loading import read_dit_config
+
+    path = _write(fmt, diffusers_ref[0], tmp_path)
+    assert read_dit_config(path) == load_dit(path).config
+
+
 def test_timestep_embedding_is_official_convention():
     t = torch.tensor([0.0, 1.0, 999.5])
     half = 128

@@ -92,13 +92,7 @@ def load_dit(
     width. dtype None means float32.
     """
     path = Path(path)
-    state, hints = _read(path)
-    if any(k.startswith("transformer_blocks.") for k in state):
-        state = _from_diffusers(state)
-    heads = _pick_heads(path, hints.get("num_heads"), num_heads)
-    config = hints.get("config") or infer_dit_config(
-        state, num_heads=heads, input_size=hints.get("input_size"), source=path
-    )
+    config, state = _config_and_state(path, num_heads, lazy=False)
     if "pos_embed" not in state:  # diffusers does not store the fixed table
         state["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None]
     with torch.device("meta"):  # no throw-away random init of a possibly huge model
@@ -106,6 +100,24 @@ def load_dit(
     _check_state(model, state, path)
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def read_dit_config(path: str | os.PathLike, num_heads: int | None = None) -> DiTConfig:
+    """A checkpoint's DiTConfig from its header and weight shapes, without reading the weights
+    (safetensors headers, torch files memory-mapped): a checkpoint that does not fit the data
+    is found before a load of gigabytes."""
+    return _config_and_state(Path(path), num_heads, lazy=True)[0]
+
+
+def _config_and_state(path: Path, num_heads: int | None, lazy: bool) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
+    state, hints = _read(path, lazy)
+    if any(k.startswith("transformer_blocks.") for k in state):
+        state = _from_diffusers(state)
+    heads = _pick_heads(path, hints.get("num_heads"), num_heads)
+    config = hints.get("config") or infer_dit_config(
+        state, num_heads=heads, input_size=hints.get("input_size"), source=path
+    )
+    return config, state
 
 
 def infer_dit_config(
@@ -153,21 +165,27 @@ def infer_dit_config(
 # full "config" (our files) or "num_heads"/"input_size" (diffusers config.json).
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read(path: Path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """lazy: tensors with the right shapes whose data are not read (meta or memory-mapped)."""
     if not path.exists():
         raise CheckpointError(f"no such checkpoint file or folder: {path}")
     if path.is_dir():
-        return _read_diffusers_dir(path)
+        return _read_diffusers_dir(path, lazy)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch(path), {}
+        return _read_safetensors(path, lazy)
+    return _read_torch(path, lazy), {}
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+def _read_torch(path: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
     try:
         # Official training checkpoints also carry their argparse options under "args".
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+            except RuntimeError:
+                if not lazy:
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # not a zip file: no mmap
     except Exception as exc:  # torch's own message is advice about weights_only, not about the file
         raise CheckpointError(f"cannot read {path} as a DiT checkpoint: expected an official .pt, an lgd "
                               f".safetensors or a diffusers folder (torch.load: {_first_line(exc)})") from None
@@ -178,11 +196,14 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_safetensors(path: Path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            if lazy:  # the header has every shape
+                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            else:
+                state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise CheckpointError(f"cannot read safetensors file {path}: {type(exc).__name__}: {exc}") from exc
     if _METADATA_KEY not in metadata:
@@ -194,7 +215,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, {"config": config, "num_heads": config.num_heads}
 
 
-def _read_diffusers_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_diffusers_dir(path: Path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     if (path / "model_index.json").is_file():  # a whole DiTPipeline: the DiT is in transformer/
         path = path / "transformer"
     config_file = path / "config.json"
@@ -209,23 +230,23 @@ def _read_diffusers_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     hints = {k: config[c] for k, c in (("num_heads", "num_attention_heads"), ("input_size", "sample_size"))
              if c in config}
     if (path / _DIFFUSERS_INDEX).is_file():
-        return _read_sharded(path / _DIFFUSERS_INDEX), hints
+        return _read_sharded(path / _DIFFUSERS_INDEX, lazy), hints
     safetensors_file, bin_file = (path / name for name in _DIFFUSERS_WEIGHTS)
     if safetensors_file.is_file():
-        return _read_safetensors(safetensors_file)[0], hints
+        return _read_safetensors(safetensors_file, lazy)[0], hints
     if bin_file.is_file():
-        return _read_torch(bin_file), hints
+        return _read_torch(bin_file, lazy), hints
     raise CheckpointError(f"{path} holds no weights (expected one of {', '.join(_DIFFUSERS_WEIGHTS)})")
 
 
-def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+def _read_sharded(index: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot read shard index {index}: {exc}") from exc
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(_read_safetensors(index.parent / shard)[0])
+        state.update(_read_safetensors(index.parent / shard, lazy)[0])
     return state
 
 
@@ -261,7 +282,8 @@ def _from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         copy = _EMBEDDER_COPY.fullmatch(key)
         if copy and copy.group(1) != "0":
             reference = f"transformer_blocks.0.norm1.emb.{copy.group(2)}"
-            if reference not in state or not torch.equal(state[reference], value):
+            lazy = value.is_meta  # shapes only (read_dit_config): the values are checked by the full load
+            if reference not in state or not (lazy or torch.equal(state[reference], value)):
                 raise CheckpointError(
                     f"diffusers checkpoint: {key} differs from {reference}; the per-block copies of the "
                     "timestep/class embedder must be identical"

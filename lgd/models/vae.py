@@ -80,10 +80,8 @@ def _vae_folder(path: Path) -> Path:
     )
 
 
-def load_vae(path: str | Path, *, scale: float | None = None, device="cpu", dtype=None) -> LatentCodec:
-    """Load a diffusers AutoencoderKL from a local folder (never from a hub)."""
-    from diffusers import AutoencoderKL
-
+def read_vae_config(path: str | Path) -> tuple[Path, dict]:
+    """(the folder, its AutoencoderKL config.json) of a VAE folder or a pipeline's vae/; checked."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"VAE path does not exist: {path}")
@@ -94,6 +92,22 @@ def load_vae(path: str | Path, *, scale: float | None = None, device="cpu", dtyp
         raise CheckpointError(f"unreadable VAE config {folder / 'config.json'}: {exc}") from None
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise CheckpointError(f"{folder} holds a {config['_class_name']}, not an AutoencoderKL")
+    return folder, config
+
+
+def vae_geometry(path: str | Path) -> tuple[int, int, int]:
+    """(image channels, latent channels, downsampling factor) from the config alone, as
+    LatentCodec derives them: what the generator's fit with the DiT and the data needs."""
+    _, config = read_vae_config(path)
+    return (int(config.get("in_channels", 3)), int(config.get("latent_channels", 4)),
+            2 ** (len(config.get("block_out_channels", [64])) - 1))
+
+
+def load_vae(path: str | Path, *, scale: float | None = None, device="cpu", dtype=None) -> LatentCodec:
+    """Load a diffusers AutoencoderKL from a local folder (never from a hub)."""
+    from diffusers import AutoencoderKL
+
+    folder, _ = read_vae_config(path)
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
