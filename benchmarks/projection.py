@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from records import Record, by_kernel, grouped, provider
 
-# docs/engineering.md: used when the meta-device counts (bench_projection.py) are missing.
+# docs/measured-facts.md: used when the meta-device counts (bench_projection.py) are missing.
 DIT_XL_FORWARD = 2 * 118.6e9  # FLOPs per image at 256 px
 SD_VAE_DECODE = 2 * 311e9
 H100_BF16 = 989e12  # dense FLOP/s

@@ -154,7 +154,7 @@ if HAS_TRITON:
 
 
 class _AdaLNModulate(torch.autograd.Function):
-    """First-order only: the DiT needs no double backward (docs/engineering.md)."""
+    """First-order only: the DiT needs no double backward (docs/measured-facts.md)."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, eps, block_m):

@@ -129,7 +129,7 @@ if HAS_TRITON:
     @triton.jit
     def _group_argmax_kernel(score_ptr, winners_ptr, G, KAPPA, BLOCK_G: tl.constexpr):
         # Iterative max over the kappa members of BLOCK_G groups at once; strict '>' keeps
-        # the first maximum on ties (no tl.sort/topk: far too slow, see docs/engineering.md).
+        # the first maximum on ties (no tl.sort/topk: far too slow, see docs/measured-facts.md).
         groups = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
         ok = groups < G
         start = groups.to(tl.int64) * KAPPA

@@ -8,7 +8,7 @@ and fp32 nothing is touched at all.
 Precision is autocast around the DiT and VAE calls and nothing else: their outputs are cast
 back to fp32, so latents, the DDPM step and every guidance loss run in fp32 outside any
 autocast region. In particular IGD's classifier double backward (InfluenceLoss) never runs
-under fp16 autocast, which gives NaN with a double `autograd.grad` (docs/engineering.md).
+under fp16 autocast, which gives NaN with a double `autograd.grad` (docs/measured-facts.md).
 The DiT and VAE are only differentiated to first order, which low precision supports.
 Low precision errs most where guidance looks: x0_hat = (x_t - sqrt(1-abar) eps) / sqrt(abar)
 multiplies the eps error by up to 1/sqrt(abar) (~160 at t = 999); measured, a bf16 DiT turns
@@ -21,7 +21,7 @@ form, which inductor fuses: PyTorch's CPU flash-attention kernel is slow at thei
 lengths (measured on the demo's compiled LGD step: 137 ms against 144 ms with SDPA).
 IGD's double-backward region is compiled separately, as the torch.func transform
 `InfluenceLoss.input_gradient` (aot_autograd cannot compile a double backward taken through
-autograd.grad, docs/engineering.md); the LGD classifiers stay eager.
+autograd.grad, docs/measured-facts.md); the LGD classifiers stay eager.
 
 Where the kernel policy (lgd.kernels.policy) runs the fused GroupNorm+SiLU Triton kernel on
 the device, the VAE decoder's GroupNorm+SiLU pairs are swapped for it; elsewhere the decoder is

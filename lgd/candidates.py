@@ -49,6 +49,8 @@ class Geometry:
     image_channels: int
     latent_channels: int
     downsample: int
+    dit_path: str  # resolved (demo, hub id in the local cache, or a path)
+    vae_path: str  # "identity" for pixel-space DiTs
 
     @property
     def image_size(self) -> int:
@@ -58,11 +60,13 @@ class Geometry:
 def read_geometry(config: Config) -> Geometry:
     """The generator's shapes without loading its weights; a DiT and VAE that do not fit
     each other or data.image_size are refused here, before a load of gigabytes."""
-    dit = read_dit_config(resolve_weights(config.model.dit, "model.dit"), num_heads=config.model.dit_num_heads)
+    dit_path = resolve_weights(config.model.dit, "model.dit")
+    dit = read_dit_config(dit_path, num_heads=config.model.dit_num_heads)
     if config.model.vae == "identity":
-        geometry = Geometry(dit, dit.in_channels, dit.in_channels, 1)
+        geometry = Geometry(dit, dit.in_channels, dit.in_channels, 1, dit_path, "identity")
     else:
-        geometry = Geometry(dit, *vae_geometry(resolve_weights(config.model.vae, "model.vae")))
+        vae_path = resolve_weights(config.model.vae, "model.vae")
+        geometry = Geometry(dit, *vae_geometry(vae_path), dit_path, vae_path)
     problems = Problems()
     problems.check(geometry.latent_channels == dit.in_channels,
                    f"the VAE makes {geometry.latent_channels}-channel latents; the DiT expects {dit.in_channels}")
@@ -73,14 +77,15 @@ def read_geometry(config: Config) -> Geometry:
     return geometry
 
 
-def load_generator(config: Config, device: torch.device) -> Generator:
-    read_geometry(config)  # the checks first, from the headers
-    dit = load_dit(resolve_weights(config.model.dit, "model.dit"), num_heads=config.model.dit_num_heads, device=device)
+def load_generator(config: Config, device: torch.device, geometry: Geometry | None = None) -> Generator:
+    """The generator's weights, once `read_geometry` (run here if not given) found them fitting."""
+    geometry = geometry or read_geometry(config)
+    dit = load_dit(geometry.dit_path, num_heads=config.model.dit_num_heads, device=device)
     dit.eval().requires_grad_(False).set_attention_backend(config.model.attention)
-    if config.model.vae == "identity":
+    if geometry.vae_path == "identity":
         codec = IdentityCodec(dit.config.in_channels)
     else:
-        codec = load_vae(resolve_weights(config.model.vae, "model.vae"), device=device)
+        codec = load_vae(geometry.vae_path, device=device)
     codec.eval().requires_grad_(False)
     s = config.sampling
     if s.engine == "fast":  # speed switches (lgd/acceleration.py); the reference engine stays eager fp32

@@ -19,3 +19,9 @@ class DataError(LgdError):
 
 class DamagedFileError(DataError):
     """A file of a run directory that is there but cannot be read (truncated, overwritten)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception in one line: its message's first line, or its type when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

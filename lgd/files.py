@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lgd.errors import LgdError
+from lgd.errors import LgdError, first_line
 
 
 @contextmanager
@@ -75,4 +75,4 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
             text = str(exc)
             if re.search(r"os error 28|code: 28\b|StorageFull", text):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
-            raise OSError(None, text.splitlines()[0] if text else type(exc).__name__) from None
+            raise OSError(None, first_line(exc)) from None

@@ -111,7 +111,7 @@ class Distiller:
         if geometry.image_channels != self.train_set.channels:
             raise ConfigError(f"the generator makes {geometry.image_channels}-channel images, "
                               f"the dataset has {self.train_set.channels}")
-        self.generator = load_generator(c, self.device)  # everything fits: now the weights
+        self.generator = load_generator(c, self.device, geometry)  # everything fits: now the weights
         return dit_classes
 
     def _claim(self, dit_classes: list[int]) -> dict:
@@ -203,7 +203,7 @@ class Distiller:
         """A full-IPC set of one baseline method under baselines/<name>; shares the initial stage's files."""
         root = self.run.sub(f"baselines/{name}")
         if name == self.config.stages.initial and self.runtime.is_main:
-            root.share_seed_stage(self.run)
+            root.share_initial_stage(self.run)
         self.runtime.barrier()
         self.initial_increment(root, name, range(self.config.stages.ipc), ClassMemory(self.config.lgd.memory))
 

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lgd.errors import ConfigError, DamagedFileError, DataError, LgdError
+from lgd.errors import ConfigError, DamagedFileError, DataError, LgdError, first_line
 from lgd.files import atomic_path, read_json, write_json, write_png, write_tensors
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,9 @@ class RunDir:
                 damaged.append(str(record.relative_to(self.path)))
         return damaged
 
-    def share_seed_stage(self, run: "RunDir") -> None:
-        """Link every finished initial-stage image of `run` into this folder (a baseline of the initial increment's method)."""
+    def share_initial_stage(self, run: "RunDir") -> None:
+        """Link every finished image of `run`'s initial increment into this folder (the baseline
+        set of the initial increment's method starts with them)."""
         for record in sorted((run / "records" / "01").glob("*.json")):
             cls, slot = (int(p) for p in record.stem.split("-"))
             for rel in (read_json(record)["file"], latent_name(1, cls, slot), record_name(1, cls, slot)):
@@ -225,16 +227,17 @@ class RunDir:
         return self.path / "models" / f"{name}.safetensors"
 
     def has_model(self, name: str) -> bool:
-        """Whether models/<name>.safetensors is there and readable; a damaged one is removed
-        (with a warning), so that it is trained again."""
+        """Whether models/<name>.safetensors is there and whole; a damaged one is removed (with a
+        warning), so that it is trained again. The header check catches truncation (safetensors
+        refuses a file its header does not cover) without reading the weights twice."""
         path = self.model_path(name)
         if not path.exists():
             return False
         try:
-            load_file(str(path))
+            with safe_open(str(path), framework="pt"):
+                pass
         except Exception as exc:  # a truncated or overwritten file: SafetensorError, OSError, ...
-            log.warning("%s is damaged (%s); it will be trained again", path, str(exc).splitlines()[0] if str(exc) else
-                        type(exc).__name__)
+            log.warning("%s is damaged (%s); it will be trained again", path, first_line(exc))
             path.unlink()
             return False
         return True
@@ -293,8 +296,8 @@ def read_png(path: Path) -> torch.Tensor:
     try:
         array = np.asarray(Image.open(path))
     except (OSError, ValueError) as exc:  # missing, truncated or not a PNG
-        raise DamagedFileError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
-                        "rerun the run's lgd distill command to repair its set") from None
+        raise DamagedFileError(f"cannot read {path} ({first_line(exc)}): "
+                               "rerun the run's lgd distill command to repair its set") from None
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array.copy()).float() / 255
 
@@ -307,8 +310,8 @@ def finished_records(run: str | Path) -> list[dict]:
         try:
             records.append(read_json(path))
         except (ValueError, OSError):
-            raise DamagedFileError(f"{path} is not a readable record: rerun the run's lgd distill command to repair "
-                            "its set") from None
+            raise DamagedFileError(f"{path} is not a readable record: rerun the run's lgd distill command to "
+                                   "repair its set") from None
     return records
 
 

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from lgd.errors import ConfigError, LgdError
+from lgd.errors import ConfigError, LgdError, first_line
 
 log = logging.getLogger(__name__)
 # `accelerate launch` flags that configure Accelerator objects, which lgd does not use: its
@@ -99,7 +99,7 @@ class Runtime:
                     f"{self.timeout_minutes:g} minutes at {what}; if the main process's training takes longer, "
                     "raise it (e.g. distributed_timeout=600)") from None
             raise LgdError(f"process {self.rank} of {self.world} lost the other processes at {what}: "
-                           f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+                           f"{first_line(exc)}") from None
 
     def shutdown(self) -> None:
         """Finish together and tear the process group down before the interpreter exits."""

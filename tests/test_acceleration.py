@@ -378,7 +378,7 @@ def test_igd_guided_sampling_compile_on_and_off_agree(compiled, compiled_influen
 
 def test_igd_double_backward_under_fp16_runs_outside_autocast_finite_and_equal_to_fp32():
     """IGD's classifier double backward sees fp32 images with autocast off, so fp16 (with a
-    double autograd.grad: the NaN trap of docs/engineering.md) never reaches it; only the DiT/VAE
+    double autograd.grad: the NaN trap of docs/measured-facts.md) never reaches it; only the DiT/VAE
     first-order parts run in fp16."""
     dit, codec, loss = tiny_dit(), tiny_codec(), influence_loss()
     seen = []

@@ -89,7 +89,7 @@ def load_run_config(run: str | Path, overrides: list[str] | None = None) -> Conf
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     h, w = images.shape[-2:]
     if size > min(h, w):
-        return images  # smaller than the classifier: the trainer resizes up instead
+        return images  # smaller than the classifier: the classifier resizes it up instead
     top, left = (h - size) // 2, (w - size) // 2
     return images[..., top : top + size, left : left + size]
 

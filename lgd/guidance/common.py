@@ -35,7 +35,7 @@ class NonFinite:
 
 
 class WindowedGuidance:
-    """x_{t-1} += step_size(i, eps, g) * g + deviation(x_t), g = gradient(...) inside the window.
+    """x_{t-1} += step_size(alphabar_t, eps, g) * g + deviation(x_t), g = gradient(...), in the window.
 
     A subclass gives the gradient of its objective w.r.t. x_t and its step size (both kinds scale
     it by rho_t, from sqrt(1 - alphabar_t) and the size of eps against that of g). Rows whose

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lgd.errors import CheckpointError, ConfigError
+from lgd.errors import CheckpointError, ConfigError, first_line
 from lgd.files import atomic_path
 from lgd.models.dit import DIT_CONFIGS, DiT, DiTConfig, sincos_pos_embed_2d
 
@@ -188,7 +188,7 @@ def _read_torch(path: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
                 obj = torch.load(path, map_location="cpu", weights_only=True)  # not a zip file: no mmap
     except Exception as exc:  # torch's own message is advice about weights_only, not about the file
         raise CheckpointError(f"cannot read {path} as a DiT checkpoint: expected an official .pt, an lgd "
-                              f".safetensors or a diffusers folder (torch.load: {_first_line(exc)})") from None
+                              f".safetensors or a diffusers folder (torch.load: {type(exc).__name__}: {first_line(exc)})") from None
     if isinstance(obj, dict):
         obj = obj.get("ema", obj.get("model", obj))  # training checkpoints: EMA weights sample best
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -331,7 +331,3 @@ def _check_state(model: DiT, state: dict[str, torch.Tensor], source) -> None:
                 f"expects {tuple(tensor.shape)}"
             )
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
