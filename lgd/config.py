@@ -33,6 +33,11 @@ class DataSection:
     root: str | None = None
     image_size: int = 32  # size the generator makes (and real images are resized to)
     classifier_size: int | None = None  # input size of the classifiers (None: image_size; 224 for Nette/Woof)
+    # test: train on the training split, evaluate on the test split. validation: hold out
+    # validation_per_class random training images per class, train on the rest and evaluate on
+    # those: for choosing settings without ever looking at the test split.
+    evaluate_on: str = "test"
+    validation_per_class: int = 100
 
     @property
     def classifier_input(self) -> int:
@@ -517,6 +522,9 @@ def validate(config: Config) -> None:
     check(name in DATASETS or name == "demo",
           f"data.name: unknown dataset {config.data.name!r}; valid names: {', '.join(DATASETS)}")
     check(config.data.image_size >= 8, "data.image_size must be at least 8")
+    check(config.data.evaluate_on in ("test", "validation"),
+          f"data.evaluate_on must be test or validation, got {config.data.evaluate_on!r}")
+    check(config.data.validation_per_class >= 1, "data.validation_per_class must be at least 1")
     check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None,
           f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name, value in (("model.dit", config.model.dit), ("model.vae", config.model.vae)):

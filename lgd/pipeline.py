@@ -33,7 +33,8 @@ from lgd.candidates import CandidateGenerator, load_generator, read_geometry
 from lgd.classifier_cache import ClassifierCache
 from lgd.classifiers import ClassifierFactory
 from lgd.config import Config, Problems
-from lgd.data import load_dataset, model_class_map, per_class_subset
+from lgd.data import model_class_map, per_class_subset
+from lgd.data.splits import load_split
 from lgd.errors import ConfigError, LgdError
 from lgd.guidance import ClassMemory, learnability
 from lgd.guidance.factory import GuidanceFactory, guidance_factory
@@ -102,7 +103,7 @@ class Distiller:
         c = self.config
         problems = Problems()  # the data's and the checkpoints' problems, in one message
         with problems.collect(LgdError):
-            self.train_set = load_dataset(c.data.name, "train", c.data.root, c.data.image_size)
+            self.train_set = load_split(c.data, "train")
         with problems.collect(LgdError):
             geometry = read_geometry(c)  # headers and configs only, no weights yet
         problems.raise_if_any()

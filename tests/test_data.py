@@ -248,3 +248,40 @@ def test_canonical_orders():
     assert IMAGEWOOF[0] == "n02096294" and WNID_NAMES[IMAGEWOOF[0]] == "Australian terrier"
     assert not set(IMAGENETTE) & set(IMAGEWOOF)
     assert len(FASHION_MNIST_CLASSES) == 10
+
+
+# ---------------------------------------------------------------- validation split
+def test_validation_split_holds_out_a_fixed_class_balanced_part_of_train():
+    from lgd.config import DataSection
+    from lgd.data.splits import load_split, split_validation
+
+    train = load_dataset("demo", "train")
+    fit, validation = split_validation(train, 100)
+    assert validation.labels.bincount().tolist() == [100] * 10
+    assert fit.labels.bincount().tolist() == [400] * 10
+    # disjoint and together the whole training split: no image is both trained on and scored
+    keys = lambda d: {bytes(x.numpy()) for x in d.images}  # noqa: E731
+    assert not keys(fit) & keys(validation) and len(keys(fit) | keys(validation)) == len(keys(train))
+    again = load_split(DataSection(name="demo", evaluate_on="validation", image_size=28), "test")
+    assert torch.equal(again.images, validation.images)  # the same images in every run
+    section = DataSection(name="demo", evaluate_on="validation", validation_per_class=30)
+    assert len(load_split(section, "train")) == 4700 and len(load_split(section, "test")) == 300
+    assert len(load_split(DataSection(name="demo"), "test")) == 1000  # the default: the test split
+
+
+def test_validation_split_of_a_folder_dataset(folder_root):
+    from lgd.data.splits import split_validation
+
+    _write_image(folder_root / "train" / "b" / "2.png", (9, 9))
+    data = ImageFolderDataset(folder_root, "train", ["a", "b"], 8)
+    fit, validation = split_validation(data, 1)
+    assert validation.labels.tolist() == [0, 1] and fit.labels.tolist() == [0, 1]
+    assert {p for p, _ in fit.samples} | {p for p, _ in validation.samples} == {p for p, _ in data.samples}
+    assert validation[1][0].shape == (3, 8, 8)
+
+
+def test_validation_split_needs_enough_images(folder_root):
+    from lgd.data.splits import split_validation
+
+    with pytest.raises(DataError, match=r"validation_per_class=1 leaves no training images: class 1 \(b\) has 1"):
+        split_validation(ImageFolderDataset(folder_root, "train", ["a", "b"], 8), 1)

@@ -5,7 +5,7 @@ import torch
 from lgd.data import load_dataset
 from lgd.demo.models import IMAGE_SIZE, NUM_CLASSES, demo_paths, load_demo_dit
 from lgd.models.vae import load_vae
-from lgd.demo.train import generate, psnr
+from lgd.demo.quality import generate, psnr
 from lgd.errors import CheckpointError
 
 # Measured on the shipped VAE: 24.8 dB mean PSNR over the 10,000 test images at 32 px and 24.9 dB

@@ -6,9 +6,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from lgd.__main__ import main
 from lgd.classifiers import build_classifier
@@ -90,6 +92,17 @@ def test_evaluate_run_end_to_end_with_injected_data(run_dir):
     assert row.count("±") == 3
     assert "Not evaluated: IGD" in report
 
+    # the sample grids: one per evaluated set and one of real images, one row per class
+    assert results["grids"] == {n: f"samples_{n}.png" for n in ("random", "dit", "lgd", "real")}
+    for name in results["grids"].values():
+        grid = np.asarray(Image.open(run_dir / "eval" / name))
+        assert grid.shape == (CLASSES * SIZE, 6 * SIZE)
+    lgd_images = load_synthetic(run_dir)
+    first = lgd_images.images[lgd_images.labels == 0][0, 0]  # class 0's first LGD image opens row 0
+    grid = torch.from_numpy(np.asarray(Image.open(run_dir / "eval" / "samples_lgd.png")).copy())
+    assert torch.equal(grid[:SIZE, :SIZE], (first * 255).round().to(torch.uint8))
+    assert "## Samples" in report and "![LGD](samples_lgd.png)" in report and "![Real](samples_real.png)" in report
+
 
 def test_evaluate_is_deterministic(run_dir):
     config = load_run_config(run_dir)
@@ -106,6 +119,21 @@ def test_evaluate_command_on_the_embedded_dataset(run_dir, capsys):
     assert "| Network | DiT | LGD |" in report and "| ConvNet-3 |" in report
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["test_images"] == 1000 and results["recipe"]["epochs"] == 1
+
+
+def test_a_validation_run_is_scored_on_held_out_training_images_never_the_test_split(run_dir, monkeypatch):
+    import lgd.data
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"]["evaluate_on"] = "validation"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    splits, load = [], lgd.data.load_dataset
+    monkeypatch.setattr(lgd.data, "load_dataset", lambda name, split, *a, **k: splits.append(split) or load(name, split, *a, **k))
+    code = main(["evaluate", str(run_dir), "--runs", "1", "--sets", "lgd", "random", "--device", "cpu"])
+    assert code == 0
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["test_images"] == 1000  # 100 per class held out of the 5,000 training images
+    assert set(splits) == {"train"}
 
 
 def test_commands_report_a_missing_run_dir_or_config(tmp_path, capsys):

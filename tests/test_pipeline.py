@@ -373,3 +373,16 @@ def test_an_optional_tracker_gets_the_stage_rates_and_training_losses(tiny_model
     keys = {key for entry in logged if entry != "finished" for key in entry[0]}
     assert {"sampling/run/images_per_s", "training/reference/loss", "training/stage_02/loss"} <= keys
     assert logged[-1] == "finished"
+
+
+def test_a_validation_run_trains_without_the_held_out_images(tiny_models, tmp_path):
+    from lgd.data import load_dataset
+    from lgd.data.splits import split_validation
+
+    overrides = tiny_overrides(tiny_models, **{"data.evaluate_on": "validation", "data.validation_per_class": 50})
+    distiller = Distiller(load_config("demo", overrides), tmp_path / "run", progress=False)
+    distiller.prepare()
+    held = split_validation(load_dataset("demo", "train", image_size=8), 50)[1]
+    assert len(distiller.train_set) == 4500
+    trained_on = {bytes(x.numpy()) for x in distiller.train_set.images}
+    assert not trained_on & {bytes(x.numpy()) for x in held.images}

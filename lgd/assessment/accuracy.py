@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lgd.assessment.grids import write_grids
 from lgd.classifiers import ClassifierFactory, canonical_name
 from lgd.config import Config, load_config
 from lgd.errors import ConfigError, DamagedFileError, DataError
@@ -317,14 +318,13 @@ def evaluate_run(
     ipc = images_per_class(synthetic["lgd"].labels) if "lgd" in synthetic else config.stages.ipc
     view = config.eval.test_view
     if test_data is None:
-        from lgd.data import load_dataset
+        from lgd.data.splits import load_split
 
-        test_size = size if view == "resize" else config.data.image_size
-        test_data = load_dataset(config.data.name, "test", config.data.root, test_size)
+        test_data = load_split(config.data, "test", size if view == "resize" else config.data.image_size)
     if "random" in names and train_data is None:
-        from lgd.data import load_dataset
+        from lgd.data.splits import load_split
 
-        train_data = load_dataset(config.data.name, "train", config.data.root, config.data.image_size)
+        train_data = load_split(config.data, "train")
     num_classes = _num_classes(test_data)
     test = materialise(test_data, crop=size, progress=progress)  # a no-op crop when loaded at `size`
     teacher, teacher_info = None, None
@@ -431,5 +431,7 @@ def evaluate_run(
     tabulate(results, scores, best, networks, available, runs)
     bar.close()
     if writer:
+        shown = {name: images_of(name, 0) for name in available}
+        results["grids"] = write_grids(run / "eval", {**shown, "real": test})
         write_json(out, results)
     return results

@@ -263,9 +263,9 @@ def analyze_run(
     test = None
     if "dynamics" in analyses:
         if test_data is None:
-            from lgd.data import load_dataset
+            from lgd.data.splits import load_split
 
-            test_data = load_dataset(config.data.name, "test", config.data.root, config.data.image_size)
+            test_data = load_split(config.data, "test")
         test = materialise(test_data, crop=size, progress=progress)
 
     out_dir = run / "eval"

@@ -63,7 +63,19 @@ def accuracy_section(results: dict) -> list[str]:
     lines += ["", "Images per class: " + ", ".join(f"{_title(s)} {results['sets'][s]['ipc']}" for s in sets) + "."]
     for name, reason in results.get("skipped", {}).items():
         lines += ["", f"Not evaluated: {_title(name)} ({reason})."]
-    return lines + [""]
+    return lines + [""] + samples_section(results.get("grids", {}))
+
+
+def samples_section(grids: dict[str, str]) -> list[str]:
+    """The sample grids side by side: one column per set, one row per class in each grid."""
+    if not grids:
+        return []
+    names = [*_ordered(n for n in grids if n != "real"), *(["real"] if "real" in grids else [])]
+    titles = [_title(n) if n != "real" else "Real" for n in names]
+    return ["## Samples", "", "A few images per class, one row per class (class 0 at the top); Real: images of "
+            "the split the table is scored on.", "",
+            "| " + " | ".join(titles) + " |", "|" + "---|" * len(names),
+            "| " + " | ".join(f"![{t}]({grids[n]})" for n, t in zip(names, titles)) + " |", ""]
 
 
 def analyses_section(analyses: dict) -> list[str]:

@@ -62,6 +62,9 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index].float() / 255.0, int(self.labels[index])
 
+    def subset(self, indices: torch.Tensor) -> TensorImageDataset:
+        return TensorImageDataset(self.images[indices], self.labels[indices], self.classes)
+
     def resized(self, size: int) -> TensorImageDataset:
         """A copy at size x size (bilinear, antialiased when shrinking), still uint8."""
         if size == self.image_size:

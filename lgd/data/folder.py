@@ -5,6 +5,7 @@ and centre-cropped to image_size x image_size (the usual evaluation transform).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,6 +101,12 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices: torch.Tensor) -> ImageFolderDataset:
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices.tolist()]
+        part.labels = self.labels[indices]
+        return part
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]

@@ -1,0 +1,115 @@
+"""Choose the demo preset's settings on a validation split, and measure what each one does.
+
+    python benchmarks/demo_ablation.py --out runs/ablation                 # every variant
+    python benchmarks/demo_ablation.py --out runs/ablation --only base "lam 0"
+
+Every variant is the demo preset plus `data.evaluate_on=validation` plus its own overrides: it
+trains (the reference model, the stage models, the Random baseline) on the embedded training
+images less 100 per class, and it is scored on those 100 per class. The test split is never
+read, so the settings chosen here can be reported on it honestly. Each variant is one
+`lgd distill` and one `lgd evaluate` (LGD only; "base" also evaluates the baselines and runs
+the cross-increment analysis), in <out>/<variant>/; finished ones are reused. Writes
+<out>/ablation.json and <out>/ablation.md (a markdown table, best-first within each group).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VALIDATION = ["data.evaluate_on=validation"]
+NO_BASELINES = ["eval.baselines=[]"]
+
+# name -> (group, overrides). Each group changes one setting of the base (the demo preset).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "base": ("base", []),
+    "lam 0": ("guidance strength lam", ["lgd.lam=0"]),
+    "lam 30": ("guidance strength lam", ["lgd.lam=30"]),
+    "kappa 1": ("candidates kappa", ["lgd.kappa=1"]),
+    "omega 0": ("reference weight omega", ["lgd.omega=0"]),
+    "omega 1": ("reference weight omega", ["lgd.omega=1"]),
+    "initial dit": ("initial increment", ["stages.initial=dit"]),
+    "initial random": ("initial increment", ["stages.initial=random"]),
+    "cfg 1.5": ("CFG scale", ["sampling.cfg_scale=1.5"]),
+    "cfg 3": ("CFG scale", ["sampling.cfg_scale=3"]),
+    "gamma 0": ("deviation gamma", ["lgd.gamma=0"]),
+    "stage epochs 50": ("stage model budget", ["lgd.stage_model.epochs=50"]),
+}
+
+
+def lgd(*args: str) -> None:
+    """Run one lgd command in a subprocess (as a user would), failing loudly."""
+    command = [sys.executable, "-m", "lgd", *args]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def run_variant(out: Path, name: str, preset: str, runs: int | None) -> dict:
+    group, overrides = VARIANTS[name]
+    folder = out / name.replace(" ", "_")
+    base = name == "base"
+    start = time.monotonic()
+    if not (folder / "done.json").is_file():
+        lgd("distill", "--config", preset, "--out", str(folder), "--no-progress",
+            *VALIDATION, *([] if base else NO_BASELINES), *overrides)
+    results_file = folder / "eval" / "results.json"
+    if not results_file.is_file():
+        lgd("evaluate", str(folder), "--no-progress", *(["--runs", str(runs)] if runs else []),
+            *([] if base else ["--sets", "lgd"]))
+    if base and not (folder / "eval" / "analyses.json").is_file():
+        lgd("analyze", str(folder), "--no-progress", "--analyses", "cross")
+    results = json.loads(results_file.read_text())
+    row = {"variant": name, "group": group, "overrides": overrides, "runs": results["runs"],
+           "seconds": round(time.monotonic() - start)}
+    for network, cells in results["accuracy"].items():
+        row.update({f"{s}": cells[s] for s in cells})
+    analyses = folder / "eval" / "analyses.json"
+    if analyses.is_file():
+        sets = json.loads(analyses.read_text())["sets"]
+        row["off_diagonal"] = {s: r["cross_increment"]["off_diagonal_mean"] for s, r in sets.items()
+                               if "cross_increment" in r}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| group | variant | overrides | LGD (validation top-1 %) |", "|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    for group, members in groups.items():
+        for row in sorted(members, key=lambda r: -r["lgd"]["mean"]):
+            cell = f"{row['lgd']['mean']:.1f} ± {row['lgd']['std']:.1f}"
+            lines.append(f"| {group} | {row['variant']} | {' '.join(row['overrides']) or '(demo preset)'} | {cell} |")
+    base = next((r for r in rows if r["variant"] == "base"), None)
+    if base:
+        others = [f"{s} {base[s]['mean']:.1f} ± {base[s]['std']:.1f}" for s in ("random", "dit", "igd") if s in base]
+        lines += ["", "Base baselines on the same split: " + ", ".join(others) + "."]
+        if "off_diagonal" in base:
+            lines += ["Cross-increment off-diagonal mean: " +
+                      ", ".join(f"{s} {v:.1f}" for s, v in base["off_diagonal"].items() if v is not None) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder of the variants' run directories")
+    parser.add_argument("--preset", default="demo", help="the config the variants change")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="these variants (default: all)")
+    parser.add_argument("--runs", type=int, help="evaluation trainings per set (default: the preset's)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.only or VARIANTS:
+        rows.append(run_variant(out, name, args.preset, args.runs))
+        (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "ablation.md").write_text(table(rows))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
