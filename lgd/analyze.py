@@ -40,13 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     from lgd.assessment import analyze_run, check_finished, load_run_config, write_report
-    from lgd.runtime import resolve_device
+    from lgd.runtime import computing_threads, resolve_device
 
     config = load_run_config(args.run_dir, args.overrides)
     check_finished(args.run_dir, args.partial)
-    analyze_run(args.run_dir, config, sets=args.sets, network=args.network, analyses=args.analyses,
-                epochs=args.epochs, dynamics_epochs=args.dynamics_epochs, eval_every=args.eval_every,
-                device=resolve_device(args.device or config.device), progress=not args.no_progress)
+    with computing_threads(config.threads):
+        analyze_run(args.run_dir, config, sets=args.sets, network=args.network, analyses=args.analyses,
+                    epochs=args.epochs, dynamics_epochs=args.dynamics_epochs, eval_every=args.eval_every,
+                    device=resolve_device(args.device or config.device), progress=not args.no_progress)
     return write_report(args.run_dir)
 
 

@@ -190,6 +190,10 @@ class Config:
     # what the main process does alone (training theta*, IGD's surrogate: hours at ImageNet scale).
     distributed_timeout: float = 180.0
     tracker: str = "none"  # none | tensorboard | wandb: stage rates and training losses through Accelerate's trackers
+    # Intra-op CPU threads of distill, evaluate and analyze (None: torch's default, one per core).
+    # The thread count changes the order of float reductions, so a fixed count makes machines
+    # with other core counts compute the same bits.
+    threads: int | None = None
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
@@ -525,6 +529,7 @@ def validate(config: Config) -> None:
     check(config.data.evaluate_on in ("test", "validation"),
           f"data.evaluate_on must be test or validation, got {config.data.evaluate_on!r}")
     check(config.data.validation_per_class >= 1, "data.validation_per_class must be at least 1")
+    check(config.threads is None or config.threads >= 1, f"threads must be at least 1, got {config.threads}")
     check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None,
           f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name, value in (("model.dit", config.model.dit), ("model.vae", config.model.vae)):

@@ -38,15 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path | None:
     from lgd.assessment import check_finished, evaluate_run, load_run_config, write_report
-    from lgd.runtime import Runtime
+    from lgd.runtime import Runtime, computing_threads
 
     config = load_run_config(args.run_dir, args.overrides)
     check_finished(args.run_dir, args.partial)
     runtime = Runtime()
     try:
         device = runtime.device_for(args.device or config.device)
-        evaluate_run(args.run_dir, config, networks=args.networks, runs=args.runs, epochs=args.epochs,
-                     sets=args.sets, device=device, runtime=runtime, progress=not args.no_progress)
+        with computing_threads(config.threads):
+            evaluate_run(args.run_dir, config, networks=args.networks, runs=args.runs, epochs=args.epochs,
+                         sets=args.sets, device=device, runtime=runtime, progress=not args.no_progress)
         return write_report(args.run_dir) if runtime.is_main else None
     finally:
         runtime.shutdown()

@@ -90,6 +90,8 @@ class Distiller:
         factory = ClassifierFactory(self.train_set.channels, self.num_classes, c.data.classifier_input)
         self.classifiers = ClassifierCache(self.run, rt, factory, c, self.device, self.progress, track=self.track)
         self._threads = torch.get_num_threads()
+        if c.threads:
+            torch.set_num_threads(c.threads)  # recorded by the claim of a fresh run
         recorded = rt.share(self._claim(dit_classes) if rt.is_main else None)  # every rank waits for the claim
         self.run.folders = rt.share(self.run.folders)
         if not rt.is_main:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # a finished image. The rest (model, data, stages, lgd/igd settings, steps, CFG, precision, seed,
 # round planning...) define the images: a resume that changes one of them is refused.
 RESUMABLE = (
-    "tracker", "device", "distributed_timeout", "eval.*", "model.attention",
+    "tracker", "device", "distributed_timeout", "threads", "eval.*", "model.attention",
     "sampling.batch_size", "sampling.compile", "sampling.kernels", "sampling.tf32", "sampling.checkpoint_decoder",
     *(f"{section}.{field}" for section in ("lgd.stage_model", "lgd.reference_model", "igd.surrogate")
       for field in ("engine", "compile", "micro_batch", "stacking", "group_size", "distributed")),

@@ -132,6 +132,17 @@ def source_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def computing_threads(threads: int | None):
+    """Compute with `threads` intra-op threads inside (None: as many as now), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pin_threads(threads: int) -> None:
     """Compute with `threads` intra-op threads (a run's, so a resume reduces in the same order)."""
     if torch.get_num_threads() != threads:

@@ -1,11 +1,14 @@
 """Tiny random models shared by tests (built offline, fixed seeds)."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import struct
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from lgd.files import write_json, write_png
@@ -75,6 +78,24 @@ def influence_setup(dtype=torch.float64):
     real_labels = torch.arange(12) % 3
     targets = torch.stack([class_mean_gradients(model, p, real, real_labels, 3) for p in checkpoints])
     return InfluenceLoss(model, checkpoints, targets)
+
+
+def idx_bytes(array: np.ndarray, type_byte: int = 0x08) -> bytes:
+    """An array as an IDX file (the format of the MNIST and Fashion-MNIST files)."""
+    header = bytes([0, 0, type_byte, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_fashion_mnist(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
+    """A tiny Fashion-MNIST folder (gzipped IDX files of random 28 px images, classes in turn)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for stem, per_class in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        (root / f"{stem}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+        (root / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    return root
 
 
 def tiny_overrides(models, **extra) -> list[str]:

@@ -1,7 +1,6 @@
 """Datasets: folder layout checks, folder loading, IDX reading, the embedded subset,
 subset helpers and class lists."""
 import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from lgd.data.embedded import ASSET
 from lgd.data.fashion_mnist import DEFAULT_ROOT
 from lgd.data.make_embedded import make_embedded
 from lgd.errors import ConfigError, DataError
+from tests.helpers import idx_bytes
 
 
 # ---------------------------------------------------------------- ImageNet-layout folders
@@ -103,17 +103,12 @@ def test_load_dataset_rejects_unknown_names_and_splits():
 
 
 # ---------------------------------------------------------------- IDX files
-def _idx_bytes(array: np.ndarray, type_byte: int = 0x08) -> bytes:
-    header = bytes([0, 0, type_byte, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
 def test_read_idx_round_trip(tmp_path):
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    (tmp_path / "img.gz").write_bytes(gzip.compress(_idx_bytes(images)))
+    (tmp_path / "img.gz").write_bytes(gzip.compress(idx_bytes(images)))
     np.testing.assert_array_equal(read_idx(tmp_path / "img.gz"), images)
     ints = np.array([-5, 7, 70000], dtype=np.int32)
-    (tmp_path / "ints").write_bytes(_idx_bytes(ints, 0x0C))
+    (tmp_path / "ints").write_bytes(idx_bytes(ints, 0x0C))
     np.testing.assert_array_equal(read_idx(tmp_path / "ints"), ints)
 
 
@@ -141,14 +136,14 @@ def test_read_idx_rejects_bad_gzip(tmp_path):
 def test_load_fashion_mnist_from_folder(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
     labels = np.array([0, 9, 3, 3], dtype=np.uint8)
-    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(images)))
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(labels)))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
     data = load_fashion_mnist("test", tmp_path)
     assert data.images.shape == (4, 1, 28, 28) and data.labels.tolist() == [0, 9, 3, 3]
     assert torch.equal(data.images[:, 0], torch.from_numpy(images))
     with pytest.raises(DataError, match="train-images"):
         load_fashion_mnist("train", tmp_path)
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(labels[:3])))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels[:3])))
     with pytest.raises(DataError, match="4 images"):
         load_fashion_mnist("test", tmp_path)
 

@@ -29,6 +29,7 @@ from lgd.assessment import (
     training_dynamics,
     write_report,
 )
+from lgd.assessment.grids import tile_size
 from lgd.files import write_json
 from lgd.rundir import SyntheticSet, load_synthetic
 from tests.helpers import SET_CLASSES as CLASSES, SET_SIZE as SIZE, pattern, write_set
@@ -94,13 +95,16 @@ def test_evaluate_run_end_to_end_with_injected_data(run_dir):
 
     # the sample grids: one per evaluated set and one of real images, one row per class
     assert results["grids"] == {n: f"samples_{n}.png" for n in ("random", "dit", "lgd", "real")}
+    tile = tile_size(SIZE)
     for name in results["grids"].values():
         grid = np.asarray(Image.open(run_dir / "eval" / name))
-        assert grid.shape == (CLASSES * SIZE, 6 * SIZE)
+        assert grid.shape == (CLASSES * tile, 6 * tile)
     lgd_images = load_synthetic(run_dir)
     first = lgd_images.images[lgd_images.labels == 0][0, 0]  # class 0's first LGD image opens row 0
     grid = torch.from_numpy(np.asarray(Image.open(run_dir / "eval" / "samples_lgd.png")).copy())
-    assert torch.equal(grid[:SIZE, :SIZE], (first * 255).round().to(torch.uint8))
+    factor = tile // SIZE
+    enlarged = (first * 255).round().to(torch.uint8).repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    assert torch.equal(grid[:tile, :tile], enlarged)
     assert "## Samples" in report and "![LGD](samples_lgd.png)" in report and "![Real](samples_real.png)" in report
 
 
@@ -487,3 +491,15 @@ def test_evaluate_and_analyze_take_no_progress(run_dir, capsys):
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "evaluate:" not in err and "it/s" not in err and "model/s" not in err
+
+
+@pytest.mark.parametrize("size, tile", [(8, 64), (28, 56), (32, 64), (64, 64), (96, 96), (224, 96)])
+def test_grid_tiles_enlarge_small_images_and_shrink_large_ones(size, tile):
+    from lgd.assessment.grids import class_grid
+
+    images = torch.rand(7, 3, size, size)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 2])
+    grid = class_grid(images, labels, per_class=3)
+    assert tile_size(size) == tile and grid.shape == (3, 3 * tile, 3 * tile)
+    assert (grid[:, :tile, 2 * tile:] == 1).all()  # class 0 has two images: its third tile is blank
+    assert grid.min() >= 0 and grid.max() <= 1

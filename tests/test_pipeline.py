@@ -386,3 +386,25 @@ def test_a_validation_run_trains_without_the_held_out_images(tiny_models, tmp_pa
     assert len(distiller.train_set) == 4500
     trained_on = {bytes(x.numpy()) for x in distiller.train_set.images}
     assert not trained_on & {bytes(x.numpy()) for x in held.images}
+
+
+def test_the_configs_thread_count_is_the_runs(tiny_models, tmp_path, monkeypatch):
+    """threads: N computes distill, evaluate and analyze with N intra-op threads whatever the
+    machine's core count (environment.json records it), and gives the process its count back."""
+    import lgd.assessment
+
+    before = torch.get_num_threads()
+    overrides = tiny_overrides(tiny_models, threads=3, **{"stages.ipc": 2, "eval.baselines": []})
+    seen = []
+    run = Distiller(load_config("demo", overrides), tmp_path / "run", progress=False)
+    run.prepare()
+    assert json.loads((tmp_path / "run" / "environment.json").read_text())["threads"] == 3
+    assert torch.get_num_threads() == 3
+    run.close()
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(lgd.assessment, "evaluate_run", lambda *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(lgd.assessment, "check_finished", lambda *a: None)  # the run made no image
+    from lgd.__main__ import main
+
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    assert seen == [3] and torch.get_num_threads() == before
