@@ -33,9 +33,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "omega 1": ("reference weight omega", ["lgd.omega=1"]),
     "initial dit": ("initial increment", ["stages.initial=dit"]),
     "initial random": ("initial increment", ["stages.initial=random"]),
-    "cfg 1.5": ("CFG scale", ["sampling.cfg_scale=1.5"]),
     "cfg 3": ("CFG scale", ["sampling.cfg_scale=3"]),
-    "gamma 0": ("deviation gamma", ["lgd.gamma=0"]),
     "stage epochs 50": ("stage model budget", ["lgd.stage_model.epochs=50"]),
 }
 
@@ -47,14 +45,14 @@ def lgd(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
-def run_variant(out: Path, name: str, preset: str, runs: int | None) -> dict:
+def run_variant(out: Path, name: str, preset: str, runs: int | None, extra: list[str]) -> dict:
     group, overrides = VARIANTS[name]
     folder = out / name.replace(" ", "_")
     base = name == "base"
     start = time.monotonic()
     if not (folder / "done.json").is_file():
         lgd("distill", "--config", preset, "--out", str(folder), "--no-progress",
-            *VALIDATION, *([] if base else NO_BASELINES), *overrides)
+            *VALIDATION, *([] if base else NO_BASELINES), *overrides, *extra)
     results_file = folder / "eval" / "results.json"
     if not results_file.is_file():
         lgd("evaluate", str(folder), "--no-progress", *(["--runs", str(runs)] if runs else []),
@@ -100,12 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="demo", help="the config the variants change")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="these variants (default: all)")
     parser.add_argument("--runs", type=int, help="evaluation trainings per set (default: the preset's)")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="section.key=value overrides for every variant (e.g. threads=1 to run two at once)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or VARIANTS:
-        rows.append(run_variant(out, name, args.preset, args.runs))
+        rows.append(run_variant(out, name, args.preset, args.runs, args.overrides))
         (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
         (out / "ablation.md").write_text(table(rows))
     print(table(rows))

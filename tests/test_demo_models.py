@@ -45,6 +45,17 @@ def test_vae_config_matches_documentation(vae):
     assert vae.scale != 1.0  # measured, not the default
 
 
+def test_shipped_models_are_the_trainers_architecture(dit, vae):
+    """The files in lgd/assets/demo were made by lgd.demo.train as it stands."""
+    from lgd.demo.train import DIT_OVERRIDES, VAE_CONFIG
+
+    for key, value in DIT_OVERRIDES.items():
+        assert getattr(dit.config, key) == value, key
+    for key, value in VAE_CONFIG.items():
+        stored = vae.vae.config[key]
+        assert (tuple(stored) if isinstance(stored, list) else stored) == value, key
+
+
 def test_dit_config_matches_documentation(dit):
     config = dit.config
     assert (config.num_classes, config.in_channels, config.input_size) == (NUM_CLASSES, 4, 8)
