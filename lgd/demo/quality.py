@@ -34,11 +34,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def load_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 [N, 1, 32, 32], long [N]) of the full Fashion-MNIST split."""
+def load_images(split: str, root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 [N, 1, 32, 32], long [N]) of the full Fashion-MNIST split (root: its IDX folder)."""
     from lgd.data import load_dataset
 
-    data = load_dataset("fashion_mnist", split, image_size=IMAGE_SIZE)
+    data = load_dataset("fashion_mnist", split, root, image_size=IMAGE_SIZE)
     return data.images, data.labels
 
 
@@ -91,10 +91,13 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def diversity(feats: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean pairwise Euclidean feature distance within a class, averaged over the classes."""
+    """Mean pairwise Euclidean feature distance within a class, averaged over the classes
+    (of at least two images)."""
     per_class = []
     for c in labels.unique():
         f = feats[labels == c]
+        if len(f) < 2:
+            continue
         d = torch.cdist(f, f)
         per_class.append(d.sum() / (len(f) * (len(f) - 1)))
     return float(torch.stack(per_class).mean())
@@ -125,13 +128,13 @@ def real_data_classifier(epochs: int, seed: int, cache: Path | None):
 
 
 def measure(generator: Path, cfg_scales: list[float], per_class: int, steps: int, seed: int,
-            classifier, pictures: Path | None = None) -> dict:
+            classifier, pictures: Path | None = None, root: str | Path | None = None) -> dict:
     from lgd.files import write_png
 
     paths = demo_paths(generator)
     dit, codec = load_dit(paths["dit"]), load_vae(paths["vae"])
-    train_images, train_labels = load_images("train")
-    test_images, test_labels = load_images("test")
+    train_images, train_labels = load_images("train", root)
+    test_images, test_labels = load_images("test", root)
     real_test = test_images.float() / 255
     with torch.no_grad():
         recon = torch.cat([codec.decode(codec.encode(b)) for b in real_test.split(500)])
@@ -151,7 +154,9 @@ def measure(generator: Path, cfg_scales: list[float], per_class: int, steps: int
 
     test_feats = features(classifier, real_test)
     n = per_class * NUM_CLASSES
-    real_idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
+    g = torch.Generator().manual_seed(seed)
+    real_idx = torch.cat([idx[torch.randperm(len(idx), generator=g)[:per_class]]
+                          for idx in (torch.nonzero(train_labels == c)[:, 0] for c in range(NUM_CLASSES))])
     real_feats = features(classifier, train_images[real_idx].float() / 255)
     real_labels = train_labels[real_idx]
     real_diversity = diversity(real_feats, real_labels)
@@ -170,8 +175,8 @@ def measure(generator: Path, cfg_scales: list[float], per_class: int, steps: int
                "diversity_vs_real": diversity(feats, labels) / real_diversity,
                "seconds": round(time.monotonic() - start, 1)}
         result["samples"].append(row)
-        log(f"CFG {cfg}: top-1 {top1:.1%}, feature Frechet {row['frechet']:.2f} "
-            f"(real floor {result['real']['frechet_floor']:.2f}), diversity {row['diversity_vs_real']:.2f} x real")
+        log(f"CFG {cfg}: top-1 {top1:.1%}, feature Frechet {row['frechet']:.3g} "
+            f"(real floor {result['real']['frechet_floor']:.3g}), diversity {row['diversity_vs_real']:.2f} x real")
         if pictures is not None:
             rows = fake.reshape(NUM_CLASSES, per_class, *fake.shape[1:])[:, :10].flatten(0, 1)
             write_png(pictures / f"samples_cfg{cfg:g}.png", image_grid(rows, NUM_CLASSES))
