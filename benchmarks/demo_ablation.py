@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _runs import lgd, measure_all
 
 VALIDATION = ["data.evaluate_on=validation"]
 NO_BASELINES = ["eval.baselines=[]"]
@@ -36,13 +36,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cfg 3": ("CFG scale", ["sampling.cfg_scale=3"]),
     "stage epochs 50": ("stage model budget", ["lgd.stage_model.epochs=50"]),
 }
-
-
-def lgd(*args: str) -> None:
-    """Run one lgd command in a subprocess (as a user would), failing loudly."""
-    command = [sys.executable, "-m", "lgd", *args]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
 
 
 def run_variant(out: Path, name: str, preset: str, runs: int | None, extra: list[str]) -> dict:
@@ -102,13 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="section.key=value overrides for every variant (e.g. threads=1 to run two at once)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.only or VARIANTS:
-        rows.append(run_variant(out, name, args.preset, args.runs, args.overrides))
-        (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "ablation.md").write_text(table(rows))
-    print(table(rows))
+    measure_all(out, "ablation", args.only or VARIANTS,
+                lambda name: run_variant(out, name, args.preset, args.runs, args.overrides), table)
 
 
 if __name__ == "__main__":

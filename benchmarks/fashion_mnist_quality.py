@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _runs import lgd, measure_all
 
 SETS = ("random", "dit", "igd", "lgd")
 TITLES = {"random": "Random (ours)", "dit": "DiT (ours)", "igd": "IGD (ours)", "lgd": "LGD (ours)"}
@@ -36,12 +36,6 @@ def overrides(ipc: int, runs: int, root: str | None) -> list[str]:
         "eval.networks=[convnet3]", "eval.recipe.width=128", "eval.recipe.epochs=300", f"eval.runs={runs}",
         "eval.baselines=[random,dit,igd]", "eval.periodic_tests=0",
     ]
-
-
-def lgd(*args: str) -> None:
-    command = [sys.executable, "-m", "lgd", *args]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
 
 
 def measure(out: Path, ipc: int, runs: int, root: str | None, preset: str, extra: list[str]) -> dict:
@@ -99,13 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="more section.key=value overrides, applied after the benchmark's")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for ipc in args.ipc:
-        rows.append(measure(out, ipc, args.runs, args.root, args.preset, args.overrides))
-        (out / "fashion_mnist.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "fashion_mnist.md").write_text(table(rows))
-    print(table(rows))
+    measure_all(out, "fashion_mnist", args.ipc,
+                lambda ipc: measure(out, ipc, args.runs, args.root, args.preset, args.overrides), table)
 
 
 if __name__ == "__main__":

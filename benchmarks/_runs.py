@@ -1,0 +1,30 @@
+"""What the quality benchmarks share: running lgd commands as a user would, and writing the
+rows measured so far (JSON and a markdown table) after each one, so a stopped benchmark
+leaves its finished rows."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+def lgd(*args: str) -> None:
+    """Run one lgd command in a subprocess, failing loudly."""
+    command = [sys.executable, "-m", "lgd", *args]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def measure_all(out: Path, stem: str, items: Iterable, measure: Callable[[object], dict],
+                table: Callable[[list[dict]], str]) -> list[dict]:
+    """rows = [measure(item) ...], written to out/<stem>.json and out/<stem>.md as they come."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in items:
+        rows.append(measure(item))
+        (out / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(table(rows))
+    print(table(rows))
+    return rows
