@@ -8,10 +8,11 @@ from lgd.models.vae import load_vae
 from lgd.demo.quality import generate, psnr
 from lgd.errors import CheckpointError
 
-# Measured on the shipped VAE: 24.8 dB mean PSNR over the 10,000 test images at 32 px and 24.9 dB
+# Measured on the shipped VAE: 29.7 dB mean PSNR over the 10,000 test images at 32 px and 29.8 dB
 # over the 32 embedded images below; the threshold leaves ~2 dB of margin (CPU maths may differ).
-MIN_PSNR = 23.0
-MAX_SHIPPED_BYTES = 8 * 1024 * 1024
+# The goal was 28 dB (the previous VAE: 24.8).
+MIN_PSNR = 28.0
+MAX_SHIPPED_BYTES = 20 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
