@@ -33,6 +33,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "omega 1": ("reference weight omega", ["lgd.omega=1"]),
     "initial dit": ("initial increment", ["stages.initial=dit"]),
     "initial random": ("initial increment", ["stages.initial=random"]),
+    "cfg 1": ("CFG scale", ["sampling.cfg_scale=1"]),
+    "cfg 1.5": ("CFG scale", ["sampling.cfg_scale=1.5"]),
     "cfg 3": ("CFG scale", ["sampling.cfg_scale=3"]),
     "stage epochs 50": ("stage model budget", ["lgd.stage_model.epochs=50"]),
 }
