@@ -137,7 +137,10 @@ def test_a_validation_run_is_scored_on_held_out_training_images_never_the_test_s
     assert code == 0
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["test_images"] == 1000  # 100 per class held out of the 5,000 training images
-    assert set(splits) == {"train"}
+    assert results["scored_on"] == "validation" and set(splits) == {"train"}
+    report = (run_dir / "eval" / "report.md").read_text()
+    assert "## Top-1 accuracy on the validation split (held-out training images) (%)" in report
+    assert "1000 real validation images" in report
 
 
 def test_commands_report_a_missing_run_dir_or_config(tmp_path, capsys):

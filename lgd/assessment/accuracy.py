@@ -347,6 +347,7 @@ def evaluate_run(
         "protocol": {"reported": "last epoch", "periodic_tests": periodic, "eval_every": eval_every,
                      "test_view": view, "teacher": config.eval.teacher if section.recipe == "soft_label" else None},
         "runs": runs,
+        "scored_on": config.data.evaluate_on,  # test, or the validation part of the training split
         "test_images": len(test[1]),
         "sets": {n: {"images": len(synthetic[n]) if n in synthetic else ipc * num_classes,
                      "ipc": images_per_class(synthetic[n].labels) if n in synthetic else ipc} for n in available},
