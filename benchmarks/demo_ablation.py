@@ -28,6 +28,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("base", []),
     "lam 0": ("guidance strength lam", ["lgd.lam=0"]),
     "lam 30": ("guidance strength lam", ["lgd.lam=30"]),
+    "lam 60": ("guidance strength lam", ["lgd.lam=60"]),
     "kappa 1": ("candidates kappa", ["lgd.kappa=1"]),
     "omega 0": ("reference weight omega", ["lgd.omega=0"]),
     "omega 1": ("reference weight omega", ["lgd.omega=1"]),
