@@ -110,3 +110,20 @@ def test_killing_the_launcher_ends_its_workers(overrides, tmp_path):
             os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.slow
+def test_a_refused_claim_stops_every_process(one_process_run, overrides, tmp_path):
+    """The main process claims the folder alone; when it cannot (here a resume that changes
+    what to make), the other ranks stop with its reason instead of waiting for it forever."""
+    import shutil
+
+    out = tmp_path / "refused"
+    shutil.copytree(one_process_run, out)
+    before = files(out)
+    changed = [o for o in overrides if not o.startswith("stages.ipc=")] + ["stages.ipc=2"]
+    result = subprocess.run(launch(2, out, changed), env={**ENV, "ACCELERATE_USE_CPU": "true"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("stages.ipc") >= 2, result.stderr[-3000:]  # both ranks name the refused field
+    assert files(out) == before
