@@ -44,7 +44,7 @@ def run(command: list[str]) -> float:
 
 @pytest.fixture(scope="module")
 def overrides(tiny_models):  # noqa: F811
-    return tiny_overrides(tiny_models, **{"stages.ipc": 4, "eval.baselines": ["dit"]})
+    return tiny_overrides(tiny_models, threads=1, **{"stages.ipc": 4, "eval.baselines": ["dit"]})  # as OMP_NUM_THREADS
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def test_a_resume_computes_with_the_thread_count_the_run_started_with(tiny_model
     from lgd.candidates import CandidateGenerator
     from lgd.errors import LgdError
 
-    overrides = tiny_overrides(tiny_models, **{"eval.baselines": []})
+    overrides = tiny_overrides(tiny_models, threads=None, **{"eval.baselines": []})  # the process's count
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
