@@ -92,9 +92,14 @@ class Distiller:
         self._threads = torch.get_num_threads()
         if c.threads:
             torch.set_num_threads(c.threads)  # recorded by the claim of a fresh run
-        recorded = rt.share(self._claim_or_fail(dit_classes) if rt.is_main else None)  # every rank waits for it
-        if "refused" in recorded:  # the main process could not claim the folder: every rank stops
-            raise self._refusal if rt.is_main else ConfigError(recorded["refused"])
+        try:
+            recorded = self._claim(dit_classes) if rt.is_main else None
+        except LgdError as error:  # the others would wait for the claim forever: they stop with its reason
+            rt.share({"refused": first_line(error)})
+            raise
+        recorded = rt.share(recorded)  # every rank waits for the claim
+        if "refused" in recorded:
+            raise ConfigError(recorded["refused"])
         self.run.folders = rt.share(self.run.folders)
         if not rt.is_main:
             self._log = self.run.open_log(rt.rank, rt.world)
@@ -118,14 +123,6 @@ class Distiller:
                               f"the dataset has {self.train_set.channels}")
         self.generator = load_generator(c, self.device, geometry)  # everything fits: now the weights
         return dit_classes
-
-    def _claim_or_fail(self, dit_classes: list[int]) -> dict:
-        """_claim, or {"refused": why} for the other ranks (they would wait for the claim forever)."""
-        try:
-            return self._claim(dit_classes)
-        except LgdError as error:
-            self._refusal = error
-            return {"refused": first_line(error)}
 
     def _claim(self, dit_classes: list[int]) -> dict:
         """The main process takes the run directory: lock, log, config (resume rules), class

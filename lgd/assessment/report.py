@@ -44,13 +44,13 @@ def _test_view(protocol: dict, size: int) -> str:
 def accuracy_section(results: dict) -> list[str]:
     sets = _ordered(results["sets"])
     protocol = results.get("protocol", {"test_view": "crop", "periodic_tests": 0})
-    split = ("the validation split (held-out training images)" if results.get("scored_on") == "validation"
-             else "the real test set")
+    validation = results.get("scored_on") == "validation"
+    split = "the validation split (held-out training images)" if validation else "the real test set"
     lines = [
         f"## Top-1 accuracy on {split} (%)",
         "",
         f"Dataset {results['dataset']}, classifier input {results['classifier_size']} px, {_recipe(results['recipe'])}; "
-        f"mean ± std over {results['runs']} run(s) from scratch, {results['test_images']} real {'validation' if results.get('scored_on') == 'validation' else 'test'} images, "
+        f"mean ± std over {results['runs']} run(s) from scratch, {results['test_images']} real {'validation' if validation else 'test'} images, "
         f"{_test_view(protocol, results['classifier_size'])}"
         + (f", soft labels from the teacher {protocol['teacher']} (RDED/SRe2L protocol)" if protocol.get("teacher") else "")
         + ". Accuracy after the last epoch:",

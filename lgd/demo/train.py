@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lgd.demo.models import ASSETS, IMAGE_SIZE, NUM_CLASSES
-from lgd.demo.quality import load_images, psnr
+from lgd.demo.quality import load_images, log, psnr
 from lgd.diffusion import Diffusion
 from lgd.models import DiT, create_dit, save_dit
 from lgd.models.vae import LatentCodec, load_vae
@@ -41,10 +41,6 @@ DIT_OVERRIDES = dict(
     input_size=IMAGE_SIZE // 4, in_channels=4, hidden_size=192, depth=6, num_heads=3,
     num_classes=NUM_CLASSES, learn_sigma=True, class_dropout_prob=0.1,
 )
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def autocast():
