@@ -27,11 +27,11 @@ NO_BASELINES = ["eval.baselines=[]"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("base", []),
     "lam 0": ("guidance strength lam", ["lgd.lam=0"]),
-    "lam 30": ("guidance strength lam", ["lgd.lam=30"]),
+    "lam 15": ("guidance strength lam", ["lgd.lam=15"]),
     "lam 60": ("guidance strength lam", ["lgd.lam=60"]),
     "kappa 1": ("candidates kappa", ["lgd.kappa=1"]),
     "omega 0": ("reference weight omega", ["lgd.omega=0"]),
-    "omega 1": ("reference weight omega", ["lgd.omega=1"]),
+    "omega 0.5": ("reference weight omega", ["lgd.omega=0.5"]),
     "initial dit": ("initial increment", ["stages.initial=dit"]),
     "initial random": ("initial increment", ["stages.initial=random"]),
     "cfg 1": ("CFG scale", ["sampling.cfg_scale=1"]),

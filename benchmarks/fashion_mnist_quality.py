@@ -19,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from _runs import lgd, measure_all
 
 SETS = ("random", "dit", "igd", "lgd")
@@ -39,17 +41,26 @@ def overrides(ipc: int, runs: int, root: str | None) -> list[str]:
 
 
 def measure(out: Path, ipc: int, runs: int, root: str | None, preset: str, extra: list[str]) -> dict:
+    """One IPC's row. Seconds are kept in the run folder, so a reused run reports the time it took."""
     folder = out / f"ipc{ipc}"
+    timing_file = folder / "benchmark_seconds.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     start = time.monotonic()
     if not (folder / "done.json").is_file():
         lgd("distill", "--config", preset, "--out", str(folder), "--no-progress", *overrides(ipc, runs, root), *extra)
-    distill_s = time.monotonic() - start
+        timing = {"distill": round(time.monotonic() - start)}
+        timing_file.write_text(json.dumps(timing) + "\n")
     if not (folder / "eval" / "results.json").is_file():
+        started = time.monotonic()
         lgd("evaluate", str(folder), "--no-progress")
+        timing["evaluate"] = round(time.monotonic() - started)
+        timing_file.write_text(json.dumps(timing) + "\n")
     results = json.loads((folder / "eval" / "results.json").read_text())
+    guidance = yaml.safe_load((folder / "config.yaml").read_text())["lgd"]
     return {"ipc": ipc, "runs": results["runs"], "test_images": results["test_images"],
             "recipe": results["recipe"], "accuracy": results["accuracy"]["convnet3"],
-            "distill_seconds": round(distill_s), "total_seconds": round(time.monotonic() - start)}
+            "guidance": {key: guidance[key] for key in ("lam", "omega", "kappa")},
+            "distill_seconds": timing.get("distill"), "evaluate_seconds": timing.get("evaluate")}
 
 
 # Published ConvNet-3 test accuracy (%) on Fashion-MNIST: {method: ({ipc: (mean, std)}, source)}.
@@ -76,8 +87,9 @@ def table(rows: list[dict]) -> str:
     for method, (numbers, source) in PUBLISHED.items():
         cells = [f"{numbers[i][0]:.1f} ± {numbers[i][1]:.1f}" if i in numbers else "–" for i in ipcs]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {source} |")
-    runs = ", ".join(f"IPC {r['ipc']}: {r['runs']} runs, {r['test_images']} test images, "
-                     f"{r['total_seconds']} s" for r in rows)
+    runs = "; ".join(f"IPC {r['ipc']}: {r['runs']} runs, {r['test_images']} test images, guidance "
+                     + ", ".join(f"{k} {v:g}" for k, v in r["guidance"].items())
+                     + f", distill {r['distill_seconds']} s, evaluate {r['evaluate_seconds']} s" for r in rows)
     return "\n".join(lines) + f"\n\nOurs: {runs}.\n"
 
 

@@ -35,7 +35,7 @@ def test_run_layout_records_and_rank_selection(tiny_models, tmp_path):
         if r["stage"] == 2:  # learnability rank selection kept the top S of its kappa candidates
             assert len(r["candidate_S"]) == 2
             assert r["S"] == max(r["candidate_S"])
-            assert r["S"] == pytest.approx(r["ce_student"] - 0.5 * r["ce_reference"], abs=1e-5)
+            assert r["S"] == pytest.approx(r["ce_student"] - config.lgd.omega * r["ce_reference"], abs=1e-5)
         else:
             assert r["kind"] == "igd"
     synthetic = load_synthetic(run)

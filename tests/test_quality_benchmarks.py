@@ -46,6 +46,12 @@ def test_fashion_mnist_quality_benchmark_on_a_tiny_configuration(tiny_models, tm
     assert f"| LGD (ours) | {lgd_mean:.1f} ± " in table and "| DSA " in table  # ours beside the published
     config = yaml.safe_load((tmp_path / "out" / "ipc2" / "config.yaml").read_text())
     assert config["data"]["name"] == "fashion_mnist" and config["eval"]["networks"] == ["convnet3"]
+    assert row["guidance"] == {k: config["lgd"][k] for k in ("lam", "omega", "kappa")}
+    assert row["distill_seconds"] > 0 and row["evaluate_seconds"] > 0
+    # Run again: the finished run is reused and its row keeps the times it was measured with.
+    script("fashion_mnist_quality.py", "--out", "out", "--ipc", "2", "--runs", "2", "--root", str(root),
+           "--overrides", *tiny, *TINY_EVAL, "igd.target_images=2", tmp_path=tmp_path)
+    assert json.loads((tmp_path / "out" / "fashion_mnist.json").read_text()) == rows
 
 
 @pytest.mark.slow
