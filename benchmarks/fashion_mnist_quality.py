@@ -40,20 +40,24 @@ def overrides(ipc: int, runs: int, root: str | None) -> list[str]:
     ]
 
 
+def timed(*args: str) -> int:
+    """Seconds one lgd command took."""
+    start = time.monotonic()
+    lgd(*args)
+    return round(time.monotonic() - start)
+
+
 def measure(out: Path, ipc: int, runs: int, root: str | None, preset: str, extra: list[str]) -> dict:
     """One IPC's row. Seconds are kept in the run folder, so a reused run reports the time it took."""
     folder = out / f"ipc{ipc}"
     timing_file = folder / "benchmark_seconds.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    start = time.monotonic()
     if not (folder / "done.json").is_file():
-        lgd("distill", "--config", preset, "--out", str(folder), "--no-progress", *overrides(ipc, runs, root), *extra)
-        timing = {"distill": round(time.monotonic() - start)}
+        timing = {"distill": timed("distill", "--config", preset, "--out", str(folder), "--no-progress",
+                                   *overrides(ipc, runs, root), *extra)}
         timing_file.write_text(json.dumps(timing) + "\n")
     if not (folder / "eval" / "results.json").is_file():
-        started = time.monotonic()
-        lgd("evaluate", str(folder), "--no-progress")
-        timing["evaluate"] = round(time.monotonic() - started)
+        timing["evaluate"] = timed("evaluate", str(folder), "--no-progress")
         timing_file.write_text(json.dumps(timing) + "\n")
     results = json.loads((folder / "eval" / "results.json").read_text())
     guidance = yaml.safe_load((folder / "config.yaml").read_text())["lgd"]
