@@ -1,11 +1,12 @@
 """What the quality benchmarks share: running lgd commands as a user would, and writing the
 rows measured so far (JSON and a markdown table) after each one, so a stopped benchmark
-leaves its finished rows."""
+leaves its finished rows, and the seconds each run's commands took, kept with the run."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -15,6 +16,23 @@ def lgd(*args: str) -> None:
     command = [sys.executable, "-m", "lgd", *args]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
+
+
+SECONDS = "benchmark_seconds.json"  # <run>/: {command: seconds}, so a reused run reports the time it took
+
+
+def seconds_of(folder: Path) -> dict:
+    """The seconds recorded for the run folder's commands so far ({} when none)."""
+    path = folder / SECONDS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def timed(folder: Path, *args: str) -> None:
+    """Run one lgd command (args[0] names it) for the run `folder` and record its seconds there."""
+    start = time.monotonic()
+    lgd(*args)
+    timing = {**seconds_of(folder), args[0]: round(time.monotonic() - start)}
+    (folder / SECONDS).write_text(json.dumps(timing) + "\n")
 
 
 def measure_all(out: Path, stem: str, items: Iterable, measure: Callable[[object], dict],

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from _runs import lgd, measure_all
+from _runs import measure_all, seconds_of, timed
 
 VALIDATION = ["data.evaluate_on=validation"]
 NO_BASELINES = ["eval.baselines=[]"]
@@ -38,6 +37,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cfg 1.5": ("CFG scale", ["sampling.cfg_scale=1.5"]),
     "cfg 3": ("CFG scale", ["sampling.cfg_scale=3"]),
     "stage epochs 50": ("stage model budget", ["lgd.stage_model.epochs=50"]),
+    "stage epochs 200": ("stage model budget", ["lgd.stage_model.epochs=200"]),
+    "gamma 0": ("deviation guidance gamma", ["lgd.gamma=0"]),
+    "gamma 6.25": ("deviation guidance gamma", ["lgd.gamma=6.25"]),
+    "window all": ("guidance window", ["lgd.window=[0,24]"]),
+    "window noisy": ("guidance window", ["lgd.window=[12,22]"]),
 }
 
 
@@ -45,19 +49,19 @@ def run_variant(out: Path, name: str, preset: str, runs: int | None, extra: list
     group, overrides = VARIANTS[name]
     folder = out / name.replace(" ", "_")
     base = name == "base"
-    start = time.monotonic()
     if not (folder / "done.json").is_file():
-        lgd("distill", "--config", preset, "--out", str(folder), "--no-progress",
-            *VALIDATION, *([] if base else NO_BASELINES), *overrides, *extra)
+        timed(folder, "distill", "--config", preset, "--out", str(folder), "--no-progress",
+              *VALIDATION, *([] if base else NO_BASELINES), *overrides, *extra)
     results_file = folder / "eval" / "results.json"
     if not results_file.is_file():
-        lgd("evaluate", str(folder), "--no-progress", *(["--runs", str(runs)] if runs else []),
-            *([] if base else ["--sets", "lgd"]))
+        timed(folder, "evaluate", str(folder), "--no-progress", *(["--runs", str(runs)] if runs else []),
+              *([] if base else ["--sets", "lgd"]))
     if base and not (folder / "eval" / "analyses.json").is_file():
-        lgd("analyze", str(folder), "--no-progress", "--analyses", "cross")
+        timed(folder, "analyze", str(folder), "--no-progress", "--analyses", "cross")
     results = json.loads(results_file.read_text())
+    timing = seconds_of(folder)
     row = {"variant": name, "group": group, "overrides": overrides, "runs": results["runs"],
-           "seconds": round(time.monotonic() - start)}
+           "seconds": sum(timing.values()) if timing else None}  # None: run before times were kept
     for network, cells in results["accuracy"].items():
         row.update({f"{s}": cells[s] for s in cells})
     analyses = folder / "eval" / "analyses.json"

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import yaml
 
-from _runs import lgd, measure_all
+from _runs import measure_all, seconds_of, timed
 
 SETS = ("random", "dit", "igd", "lgd")
 TITLES = {"random": "Random (ours)", "dit": "DiT (ours)", "igd": "IGD (ours)", "lgd": "LGD (ours)"}
@@ -40,25 +39,15 @@ def overrides(ipc: int, runs: int, root: str | None) -> list[str]:
     ]
 
 
-def timed(*args: str) -> int:
-    """Seconds one lgd command took."""
-    start = time.monotonic()
-    lgd(*args)
-    return round(time.monotonic() - start)
-
-
 def measure(out: Path, ipc: int, runs: int, root: str | None, preset: str, extra: list[str]) -> dict:
     """One IPC's row. Seconds are kept in the run folder, so a reused run reports the time it took."""
     folder = out / f"ipc{ipc}"
-    timing_file = folder / "benchmark_seconds.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     if not (folder / "done.json").is_file():
-        timing = {"distill": timed("distill", "--config", preset, "--out", str(folder), "--no-progress",
-                                   *overrides(ipc, runs, root), *extra)}
-        timing_file.write_text(json.dumps(timing) + "\n")
+        timed(folder, "distill", "--config", preset, "--out", str(folder), "--no-progress",
+              *overrides(ipc, runs, root), *extra)
     if not (folder / "eval" / "results.json").is_file():
-        timing["evaluate"] = timed("evaluate", str(folder), "--no-progress")
-        timing_file.write_text(json.dumps(timing) + "\n")
+        timed(folder, "evaluate", str(folder), "--no-progress")
+    timing = seconds_of(folder)
     results = json.loads((folder / "eval" / "results.json").read_text())
     guidance = yaml.safe_load((folder / "config.yaml").read_text())["lgd"]
     return {"ipc": ipc, "runs": results["runs"], "test_images": results["test_images"],

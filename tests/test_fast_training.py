@@ -236,14 +236,45 @@ def nn_avg(k):
     return torch.nn.AvgPool2d(k)
 
 
-def test_fast_twin_swaps_only_plain_average_pools():
-    from lgd.training.fast import MeanPool, fast_twin
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,out,kernel,stride,padding,bias", [
+    ((3, 1, 8, 8), 4, 3, 1, 1, True), ((2, 1, 7, 9), 5, 3, 2, 0, False), ((4, 1, 16, 16), 8, 5, 1, 2, True)])
+def test_one_channel_conv_matches_conv2d(shape, out, kernel, stride, padding, bias, dtype):
+    """OneChannelConv (fast twin) against nn.Conv2d, forward and backward (input and weight
+    gradients), by the flash rule: |fast - ref64| <= 2 |ref_dtype - ref64| + atol; also on a
+    non-contiguous input (a strided slice)."""
+    from lgd.training.fast import OneChannelConv
 
-    for name, ch, size in (("convnet3", 1, 32), ("resnet_ap10", 3, 32), ("resnet18", 3, 32)):
+    torch.manual_seed(sum(shape) + out)
+    ref64 = torch.nn.Conv2d(1, out, kernel, stride, padding, bias=bias).double()
+    ref, fast = copy.deepcopy(ref64).to(dtype), OneChannelConv.of(copy.deepcopy(ref64).to(dtype))
+    base = torch.randn(shape[0], 1, shape[2], shape[3] * 2, dtype=torch.float64)
+    for view in (slice(0, shape[3]), slice(None, None, 2)):  # the input's columns: contiguous, then strided
+        g = torch.randn_like(ref64(base[..., view]))
+        outs = {}
+        for name, conv, dt in (("ref64", ref64, torch.float64), ("ref", ref, dtype), ("fast", fast, dtype)):
+            full = base.to(dt, copy=True).requires_grad_(True)
+            conv.zero_grad()
+            y = conv(full[..., view] if view.step else full[..., view].contiguous())
+            y.backward(g.to(y.dtype))
+            outs[name] = [t.detach().double() for t in (y, full.grad[..., view], conv.weight.grad)]
+        atol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 5e-2}[dtype]
+        for i in range(3):
+            ref_err = (outs["ref"][i] - outs["ref64"][i]).abs().max()
+            assert (outs["fast"][i] - outs["ref64"][i]).abs().max() <= 2 * ref_err + atol
+
+
+def test_fast_twin_swaps_only_plain_average_pools_and_one_channel_convolutions():
+    from lgd.training.fast import MeanPool, OneChannelConv, fast_twin
+
+    for name, ch, size in (("convnet3", 1, 32), ("resnet_ap10", 3, 32), ("resnet18", 3, 32), ("resnet_ap10", 1, 32)):
         model = build_classifier(name, ch, 4, size, width=8)
         twin = fast_twin(model)
         pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
         assert sum(isinstance(m, MeanPool) for m in twin.modules()) == len(pools)
+        one_channel = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 1]
+        assert len(one_channel) == (1 if ch == 1 else 0)
+        assert sum(isinstance(m, OneChannelConv) for m in twin.modules()) == len(one_channel)
         assert [k for k, _ in twin.named_parameters()] == [k for k, _ in model.named_parameters()]
         x = torch.rand(2, ch, size, size)
         torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-6)

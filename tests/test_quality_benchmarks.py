@@ -76,3 +76,7 @@ def test_demo_ablation_on_a_tiny_configuration(tiny_models, tmp_path):
     assert yaml.safe_load((tmp_path / "out" / "lam_0" / "config.yaml").read_text())["lgd"]["lam"] == 0
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert f"| lam 0 | lgd.lam=0 | {lam0['lgd']['mean']:.1f} ± " in table
+    assert base["seconds"] > 0 and lam0["seconds"] > 0
+    # Run again: both runs are reused and their rows keep the seconds they were measured with.
+    script("demo_ablation.py", "--out", "out", "--preset", "tiny.yaml", "--only", "base", "lam 0", tmp_path=tmp_path)
+    assert json.loads((tmp_path / "out" / "ablation.json").read_text()) == rows

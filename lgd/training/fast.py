@@ -10,8 +10,9 @@ the gradient by torch.func.grad_and_value over `functional_call(model, ...)`, th
 PyTorch's SGD rule written out (buf = momentum * buf + grad + weight_decay * p; p -= lr * buf;
 lr a tensor, so the LR schedule never recompiles). With TrainSection.compile each is one
 fullgraph graph. On CPU the batch goes through the gradient in micro-batches whose
-activations fit the cache (their gradients summed, scale = 1 / batch), and average pooling
-becomes MeanPool, which inductor fuses better.
+activations fit the cache (their gradients summed, scale = 1 / batch), average pooling
+becomes MeanPool, which inductor fuses better, and a convolution of one input channel
+becomes OneChannelConv, which takes oneDNN's channels-last kernels.
 
 Many independent models of one architecture (a group): `torch.vmap` of the same functions
 over stacked parameters ("vmap" stacking), or the members' steps in turn ("loop"; measured
@@ -71,6 +72,40 @@ class MeanPool(nn.Module):
         return x.reshape(b, c, h // k, k, w // k, k).mean((3, 5))
 
 
+def channels_last_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous 1-channel [N, 1, H, W] tensor with channels-last strides: the same memory
+    and numbers. With one channel both layouts are contiguous, and oneDNN reads the default
+    strides as NCHW."""
+    t = t.contiguous()
+    n, c, h, w = t.shape
+    return t.as_strided(t.shape, (c * h * w, 1, w * c, c))
+
+
+class OneChannelConv(nn.Conv2d):
+    """Conv2d with one input channel, run on channels-last views of its input and weight: the
+    same numbers up to rounding, but oneDNN's NCHW kernels are slow at one input channel
+    (measured on the demo network's compiled CPU step, 25 images at 32 px, 2 cores: the first
+    convolution's backward 2.8 -> 0.4 ms, the step 12 % faster). Its output comes channels-last,
+    as the following layers' already do under inductor. Its reference twin is nn.Conv2d
+    (tests/test_fast_training.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(channels_last_view(x), channels_last_view(self.weight), self.bias)
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> OneChannelConv:
+        twin = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                   conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                   device=conv.weight.device, dtype=conv.weight.dtype)
+        twin.load_state_dict(conv.state_dict())
+        return twin
+
+
+def _one_channel_conv(m: nn.Module) -> bool:
+    """m is a plain 2-d convolution (zero padding) of one input channel."""
+    return type(m) is nn.Conv2d and m.in_channels == 1 and m.padding_mode == "zeros"
+
+
 def _plain_avg_pool(m: nn.Module) -> int | None:
     """k when m is AvgPool2d(k) with stride k and no padding (what MeanPool computes)."""
     if not isinstance(m, nn.AvgPool2d):
@@ -83,14 +118,18 @@ def _plain_avg_pool(m: nn.Module) -> int | None:
 
 
 def fast_twin(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every plain AvgPool2d replaced by MeanPool (same parameters and
-    names, so functional_call takes the original's state)."""
+    """A copy of `model` with every plain AvgPool2d replaced by MeanPool and, on CPU (where it
+    was measured), every one-input-channel Conv2d by OneChannelConv (same parameters and names,
+    so functional_call takes the original's state)."""
     twin = copy.deepcopy(model)
+    cpu = all(p.device.type == "cpu" for p in twin.parameters())
     for parent in twin.modules():
         for name, child in parent.named_children():
             k = _plain_avg_pool(child)
             if k is not None:
                 setattr(parent, name, MeanPool(k))
+            elif cpu and _one_channel_conv(child):
+                setattr(parent, name, OneChannelConv.of(child))
     return twin
 
 
