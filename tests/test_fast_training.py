@@ -180,6 +180,17 @@ def test_group_members_equal_lone_trainings(stacking, recipe):
         assert history.loss == pytest.approx(lone_history.loss, rel=1e-5)
 
 
+def test_compiled_groups_of_one_channel_models_agree_across_stackings():
+    """The compiled member loop (one-input-channel convolutions on channels-last views) and the
+    compiled vmap step (plain convolutions: vmap cannot restride) train the same models."""
+    section = TrainSection(network="convnet3", recipe="dc", epochs=2, batch_size=10, micro_batch=4, compile=True)
+    trained = {}
+    for stacking in ("loop", "vmap"):
+        trained[stacking], *_ = group([1, 2], stacking, section=dataclasses.replace(section, stacking=stacking))
+    for a, b in zip(trained["loop"], trained["vmap"]):
+        torch.testing.assert_close(flat(a), flat(b), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("stacking", ["loop", "vmap"])
 def test_group_members_do_not_leak(stacking):
     a, _, models, datas, section = group([1, 2, 3], stacking)

@@ -73,8 +73,8 @@ class MeanPool(nn.Module):
 
 
 def channels_last_view(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous 1-channel [N, 1, H, W] tensor with channels-last strides: the same memory
-    and numbers. With one channel both layouts are contiguous, and oneDNN reads the default
+    """A 1-channel [N, 1, H, W] tensor, made contiguous, viewed with channels-last strides: the
+    same memory and numbers. With one channel both layouts are contiguous, and oneDNN reads the default
     strides as NCHW."""
     t = t.contiguous()
     n, c, h, w = t.shape
@@ -85,7 +85,8 @@ class OneChannelConv(nn.Conv2d):
     """Conv2d with one input channel, run on channels-last views of its input and weight: the
     same numbers up to rounding, but oneDNN's NCHW kernels are slow at one input channel
     (measured on the demo network's compiled CPU step, 25 images at 32 px, 2 cores: the first
-    convolution's backward 2.8 -> 0.4 ms, the step 12 % faster). Its output comes channels-last,
+    convolution's backward 2.8 -> 0.4 ms per micro-batch; side by side, the step of 100 images
+    42-47 -> 23-25 ms). Its output comes channels-last,
     as the following layers' already do under inductor. Its reference twin is nn.Conv2d
     (tests/test_fast_training.py)."""
 
@@ -117,12 +118,13 @@ def _plain_avg_pool(m: nn.Module) -> int | None:
     return k if plain and m.divisor_override is None else None
 
 
-def fast_twin(model: nn.Module) -> nn.Module:
+def fast_twin(model: nn.Module, stacked: bool = False) -> nn.Module:
     """A copy of `model` with every plain AvgPool2d replaced by MeanPool and, on CPU (where it
-    was measured), every one-input-channel Conv2d by OneChannelConv (same parameters and names,
-    so functional_call takes the original's state)."""
+    was measured) unless `stacked` (vmap cannot restride a batched tensor), every
+    one-input-channel Conv2d by OneChannelConv (same parameters and names, so functional_call
+    takes the original's state)."""
     twin = copy.deepcopy(model)
-    cpu = all(p.device.type == "cpu" for p in twin.parameters())
+    cpu = not stacked and all(p.device.type == "cpu" for p in twin.parameters())
     for parent in twin.modules():
         for name, child in parent.named_children():
             k = _plain_avg_pool(child)
@@ -173,7 +175,7 @@ def step_functions(template: nn.Module, momentum: float, weight_decay: float, *,
     if key not in _STEPS:
         # A private copy (the cache must not keep or see a caller's model); compiled, with the
         # pooling inductor fuses (eager, avg_pool2d's own kernels are the faster ones).
-        gradient = make_gradient(fast_twin(template) if compiled else copy.deepcopy(template), dtype)
+        gradient = make_gradient(fast_twin(template, stacked) if compiled else copy.deepcopy(template), dtype)
         update = make_update(momentum, weight_decay)
         if stacked:
             gradient = torch.vmap(gradient, in_dims=(0, 0, 0, 0, None))
@@ -195,7 +197,7 @@ def forward_function(template: nn.Module, *, stacked: bool = False, compiled: bo
     device = next(template.parameters()).device
     key = (repr(template), str(device), stacked, compiled)
     if key not in _FORWARDS:
-        twin = fast_twin(template) if compiled else copy.deepcopy(template)
+        twin = fast_twin(template, stacked) if compiled else copy.deepcopy(template)
 
         def forward(params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
             return functional_call(twin, (params, buffers), (x,))
