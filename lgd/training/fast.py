@@ -124,13 +124,13 @@ def fast_twin(model: nn.Module, stacked: bool = False) -> nn.Module:
     one-input-channel Conv2d by OneChannelConv (same parameters and names, so functional_call
     takes the original's state)."""
     twin = copy.deepcopy(model)
-    cpu = not stacked and all(p.device.type == "cpu" for p in twin.parameters())
+    views = not stacked and all(p.device.type == "cpu" for p in twin.parameters())
     for parent in twin.modules():
         for name, child in parent.named_children():
             k = _plain_avg_pool(child)
             if k is not None:
                 setattr(parent, name, MeanPool(k))
-            elif cpu and _one_channel_conv(child):
+            elif views and _one_channel_conv(child):
                 setattr(parent, name, OneChannelConv.of(child))
     return twin
 
