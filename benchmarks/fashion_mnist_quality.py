@@ -34,7 +34,9 @@ def overrides(ipc: int, runs: int, root: str | None) -> list[str]:
         # 60,000 training images: one epoch is 12x the embedded subset's, so the reference model
         # and IGD's surrogate get one epoch, about the number of steps the demo gives them.
         "lgd.reference_model.epochs=1", "igd.surrogate.epochs=1",
-        "eval.networks=[convnet3]", "eval.recipe.width=128", "eval.recipe.epochs=300", f"eval.runs={runs}",
+        # Width 128 is another graph: its micro-batch is sized to the cache again, not the demo's 20.
+        "eval.networks=[convnet3]", "eval.recipe.width=128", "eval.recipe.micro_batch=null",
+        "eval.recipe.epochs=300", f"eval.runs={runs}",
         "eval.baselines=[random,dit,igd]", "eval.periodic_tests=0",
     ]
 

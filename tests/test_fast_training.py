@@ -317,6 +317,58 @@ def test_micro_batches_are_even_and_cover_the_batch():
     assert _chunks(10, None) == [slice(0, 10)]
 
 
+def test_scoring_runs_whole_micro_batches():
+    """A compiled forward sees one chunk shape over a test set (its last batch aside): batches
+    of 256 in chunks of 25 would give chunks of 23 and 24, two graphs to compile."""
+    from lgd.training.fast import _score, _State
+
+    shapes = []
+
+    def forward(params, buffers, x):
+        shapes.append(len(x))
+        return torch.zeros(len(x), 10)
+
+    state = _State({}, {}, {})
+    data = (torch.rand(1000, 1, 4, 4), torch.arange(1000) % 10)
+    for chunk, expected in ((25, {25}), (20, {20}), (None, {256, 232})):
+        shapes.clear()
+        [accuracy] = _score(forward, lambda x: x, [state], data, torch.device("cpu"), chunk,
+                            torch.contiguous_format, "accuracy")
+        assert set(shapes) == expected and sum(shapes) == 1000
+        assert float(accuracy) == pytest.approx(0.1)  # argmax of zeros is class 0, a tenth of the labels
+
+
+def test_demo_trainings_share_one_compiled_step():
+    """Every training of the demo preset -- the stage models, theta*, IGD's surrogate and the
+    evaluation's, on the test and the validation split -- cuts its batches into micro-batches
+    of one shape with one architecture and SGD rule, so distill compiles the step once and
+    evaluate loads it from inductor's on-disk cache (lgd/configs/demo.yaml)."""
+    from lgd.training.fast import _chunks
+    from lgd.training.recipes import batch_size_of
+
+    for evaluate_on in ("test", "validation"):
+        c = load_config("demo", [f"data.evaluate_on={evaluate_on}"])
+        train_images = 5000 - (c.data.validation_per_class * 10 if evaluate_on == "validation" else 0)
+        stages = range(c.stages.increment, c.stages.ipc, c.stages.increment)
+        batches = {  # section: the sizes of the batches it trains on
+            "stage": [10 * ipc for ipc in stages],
+            "reference": [min(c.lgd.reference_model.batch_size, train_images - start)
+                          for start in range(0, train_images, c.lgd.reference_model.batch_size)],
+            "surrogate": [min(c.igd.surrogate.batch_size, train_images - start)
+                          for start in range(0, train_images, c.igd.surrogate.batch_size)],
+            "evaluation": [10 * c.stages.ipc],
+        }
+        sections = {"stage": c.lgd.stage_model, "reference": c.lgd.reference_model,
+                    "surrogate": c.igd.surrogate, "evaluation": c.eval.recipe}
+        for name, s in sections.items():  # the dc recipe's batch of 256 takes these sets whole
+            assert s.recipe == "plain" or batch_size_of(s) >= max(batches[name])
+        shapes = {p.stop - p.start for name, s in sections.items() for b in batches[name]
+                  for p in _chunks(b, s.micro_batch)}
+        assert shapes == {20}
+        keys = {(s.network, s.width, s.compile, s.momentum, s.weight_decay, s.precision) for s in sections.values()}
+        assert keys == {("convnet3", 32, True, 0.9, 5e-4, "auto")}
+
+
 def test_canonical_layout_fixes_strides_without_changing_values():
     from lgd.training.fast import _canonical
 

@@ -326,8 +326,11 @@ def _score(forward: Callable, fit: Callable, states: list[_State], data, device:
     correct = [0 for _ in states]
     probs: list[list[torch.Tensor]] = [[] for _ in states]
     count = 0
+    # Whole micro-batches per batch, so every chunk but the set's last has one shape (one graph:
+    # 256-image batches in chunks of 25 would give chunks of 23 and 24, and compile twice).
+    batch = chunk * max(1, 256 // chunk) if chunk else 256
     with torch.inference_mode():
-        for x, y in source.batches(256):
+        for x, y in source.batches(batch):
             x = _canonical(fit(x), layout)
             for part in _chunks(len(y), chunk):
                 for i, state in enumerate(states):
