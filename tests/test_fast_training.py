@@ -343,20 +343,25 @@ def test_demo_trainings_share_one_compiled_step():
     evaluation's, on the test and the validation split -- cuts its batches into micro-batches
     of one shape with one architecture and SGD rule, so distill compiles the step once and
     evaluate loads it from inductor's on-disk cache (lgd/configs/demo.yaml)."""
+    from lgd.data import load_dataset
     from lgd.training.fast import _chunks
     from lgd.training.recipes import batch_size_of
 
+    train = load_dataset("demo", "train")
+    classes = len(set(train.labels.tolist()))
+
+    def cut(n: int, size: int) -> list[int]:  # an epoch's batch sizes over n images
+        return [min(size, n - start) for start in range(0, n, size)]
+
     for evaluate_on in ("test", "validation"):
         c = load_config("demo", [f"data.evaluate_on={evaluate_on}"])
-        train_images = 5000 - (c.data.validation_per_class * 10 if evaluate_on == "validation" else 0)
+        train_images = len(train) - (c.data.validation_per_class * classes if evaluate_on == "validation" else 0)
         stages = range(c.stages.increment, c.stages.ipc, c.stages.increment)
         batches = {  # section: the sizes of the batches it trains on
-            "stage": [10 * ipc for ipc in stages],
-            "reference": [min(c.lgd.reference_model.batch_size, train_images - start)
-                          for start in range(0, train_images, c.lgd.reference_model.batch_size)],
-            "surrogate": [min(c.igd.surrogate.batch_size, train_images - start)
-                          for start in range(0, train_images, c.igd.surrogate.batch_size)],
-            "evaluation": [10 * c.stages.ipc],
+            "stage": [classes * ipc for ipc in stages],
+            "reference": cut(train_images, c.lgd.reference_model.batch_size),
+            "surrogate": cut(train_images, c.igd.surrogate.batch_size),
+            "evaluation": [classes * c.stages.ipc],
         }
         sections = {"stage": c.lgd.stage_model, "reference": c.lgd.reference_model,
                     "surrogate": c.igd.surrogate, "evaluation": c.eval.recipe}
