@@ -73,15 +73,16 @@ def claim(run, config) -> None:
 
 def pin_environment(run, current: dict) -> dict:
     """The environment the run started under (environment.json, written at the first start).
-    A resume computes with the run's thread count; other differences (torch version,
-    device, process count) are kept in history.jsonl, since they may change the last bits
+    A resume computes with the run's thread count; other differences (CPU, torch
+    version, device, process count) are kept in history.jsonl, since they may change the last bits
     of the images still to be made (finished ones are never touched)."""
     path = run.path / "environment.json"
     if not path.exists():
         write_json(path, current)
         return current
     recorded = read_json(path)
-    changed = {k: [recorded.get(k), v] for k, v in current.items() if recorded.get(k) != v}
+    # A field the record lacks (a run started by an older lgd) is unknown, not a change.
+    changed = {k: [recorded[k], v] for k, v in current.items() if k in recorded and recorded[k] != v}
     if changed:
         append_history(run, "environment", changed)
         # the thread count is pinned, and the process count does not change the bits

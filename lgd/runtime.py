@@ -115,9 +115,38 @@ def compute_environment(device: torch.device, world: int) -> dict:
 
     import diffusers
 
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "lgd": lgd.__version__, "lgd_revision": source_revision(), "device": device.type, "processes": world,
+    return {**machine(), "diffusers": diffusers.__version__, "lgd": lgd.__version__,
+            "lgd_revision": source_revision(), "device": device.type, "processes": world,
             "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+def machine() -> dict:
+    """The CPU and how torch computes on it. Two CPUs of one instruction set can still compute
+    other bits (oneDNN and MKL choose kernels by CPU model and cache size): the demo's images
+    and trainings differ in their last bits between an AMD EPYC and an Intel Xeon, both AVX-512."""
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def cpu_model() -> str:
+    """The processor: its model name with vendor, family and model number from /proc/cpuinfo
+    (virtual machines often give a generic name), else what the platform reports."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    ids = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model") if k in fields)
+    return f"{fields['model name']} ({' '.join(filter(None, (fields.get('vendor_id'), ids)))})"
 
 
 def source_revision() -> str | None:

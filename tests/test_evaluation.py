@@ -32,6 +32,7 @@ from lgd.assessment import (
 from lgd.assessment.grids import tile_size
 from lgd.files import write_json
 from lgd.rundir import SyntheticSet, load_synthetic
+from lgd.runtime import machine
 from tests.helpers import SET_CLASSES as CLASSES, SET_SIZE as SIZE, pattern, write_set
 
 
@@ -92,6 +93,9 @@ def test_evaluate_run_end_to_end_with_injected_data(run_dir):
     row = next(line for line in report.splitlines() if line.startswith("| ConvNet-3 |"))
     assert row.count("±") == 3
     assert "Not evaluated: IGD" in report
+    # the table names the machine it was computed on: another CPU computes other last bits
+    assert on_disk["machine"] == machine() and machine()["threads"] == torch.get_num_threads()
+    assert f"Trained on {machine()['cpu']} ({machine()['cpu_capability']} kernels" in report
 
     # the sample grids: one per evaluated set and one of real images, one row per class
     assert results["grids"] == {n: f"samples_{n}.png" for n in ("random", "dit", "lgd", "real")}

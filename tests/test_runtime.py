@@ -87,3 +87,47 @@ def worker(timeout_minutes: float, work_s: float) -> int:
 
 if __name__ == "__main__":
     sys.exit(worker(float(sys.argv[1]), float(sys.argv[2])))
+
+
+def test_the_cpu_model_comes_from_cpuinfo_with_its_vendor_family_and_model(tmp_path, monkeypatch):
+    """Virtual machines name their CPUs generically ("Intel(R) Xeon(R) Processor"), so the
+    family and model numbers go with the name; without /proc/cpuinfo the platform's answer."""
+    import builtins
+    import platform
+
+    from lgd import runtime
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC 9R14\n\nprocessor\t: 1\nmodel name\t: other\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k))
+    assert runtime.cpu_model() == "AMD EPYC 9R14 (AuthenticAMD family 25 model 17)"
+    info.write_text("processor\t: 0\n")
+    monkeypatch.setattr(platform, "processor", lambda: "x86_64-probe")
+    assert runtime.cpu_model() == "x86_64-probe"
+
+
+def test_a_resume_on_another_cpu_is_recorded_and_a_field_an_older_run_lacks_is_not(tmp_path, caplog):
+    """environment.json holds the CPU: a resume on another one may change the last bits of the
+    images still to be made, so it is kept in history.jsonl and warned; a run started before
+    lgd recorded a field has no value for it, which is not a change."""
+    import json
+
+    from lgd.resume import pin_environment
+    from lgd.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    first = {"cpu": "AMD EPYC 9R14", "cpu_capability": "AVX512", "threads": 2, "torch": "2.13.0+cpu"}
+    assert pin_environment(run, first) == first
+    assert pin_environment(run, first) == first and not (tmp_path / "history.jsonl").exists()
+    caplog.set_level("WARNING", logger="lgd")
+    assert pin_environment(run, {**first, "cpu": "Intel(R) Xeon(R) Processor"}) == first
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["changed"] == {"cpu": ["AMD EPYC 9R14", "Intel(R) Xeon(R) Processor"]}
+    assert "different cpu" in caplog.text
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "environment.json").write_text(json.dumps({"threads": 2, "torch": "2.13.0+cpu"}))
+    pin_environment(RunDir(old), first)
+    assert not (old / "history.jsonl").exists()

@@ -56,6 +56,7 @@ from lgd.errors import ConfigError, DamagedFileError, DataError
 from lgd.files import read_json, write_json
 from lgd.progress import progress_bar
 from lgd.rundir import RunDir, SyntheticSet, load_synthetic
+from lgd.runtime import machine
 from lgd.seeding import derive_seed
 from lgd.training import Member, accuracies, train_classifiers
 from lgd.training.recipes import batch_size_of, default_epochs
@@ -352,6 +353,7 @@ def evaluate_run(
         "sets": {n: {"images": len(synthetic[n]) if n in synthetic else ipc * num_classes,
                      "ipc": images_per_class(synthetic[n].labels) if n in synthetic else ipc} for n in available},
         "skipped": skipped,
+        "machine": machine(),  # where the trainings ran: another CPU computes other last bits
         "accuracy": {},
     }
     out = run / "eval" / "results.json"

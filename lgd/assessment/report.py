@@ -63,6 +63,9 @@ def accuracy_section(results: dict) -> list[str]:
                   "itself, so this is an optimistic figure, given for comparison with tables that report it:", "",
                   *_table(results["best_epoch_accuracy"], sets)]
     lines += ["", "Images per class: " + ", ".join(f"{_title(s)} {results['sets'][s]['ipc']}" for s in sets) + "."]
+    if "machine" in results:  # another CPU computes other last bits, so the table names its own
+        m = results["machine"]
+        lines += ["", f"Trained on {m['cpu']} ({m['cpu_capability']} kernels, {m['threads']} threads, torch {m['torch']})."]
     for name, reason in results.get("skipped", {}).items():
         lines += ["", f"Not evaluated: {_title(name)} ({reason})."]
     return lines + [""] + samples_section(results.get("grids", {}))
