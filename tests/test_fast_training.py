@@ -55,13 +55,16 @@ def trained(model, train, section, **kw):
     return model, history
 
 
-def assert_same_training(fast, ref, drift, hf, hr, factor=20):
-    """fast within `factor` x the reference's own rounding drift (plus an fp32 floor)."""
+def assert_same_training(fast, ref, drift, hf, hr, hs, factor=20):
+    """fast within `factor` x the reference's own rounding drift (plus an fp32 floor), its
+    parameters and its losses; hs: the history of the reference trained from the perturbed
+    start (the loss drift grows with the epochs, and how fast depends on the CPU's kernels)."""
     err = (flat(fast) - flat(ref)).abs().max().item()
     bound = factor * drift + 1e-6 * flat(ref).abs().max().item()
     assert err <= bound, f"fast differs from reference by {err:.3g}, bound {bound:.3g} (drift {drift:.3g})"
     assert hf.lr == hr.lr
-    assert torch.allclose(torch.tensor(hf.loss), torch.tensor(hr.loss), rtol=1e-3, atol=1e-5)
+    loss_f, loss_r, loss_s = (torch.tensor(h.loss) for h in (hf, hr, hs))
+    assert ((loss_f - loss_r).abs() <= factor * (loss_s - loss_r).abs() + 1e-3 * loss_r.abs() + 1e-5).all()
 
 
 CASES = [  # (network, channels, size, recipe)
@@ -81,9 +84,10 @@ def test_fast_engine_trains_the_reference_model(network, channels, size, recipe)
     reference = dataclasses.replace(section, engine="reference")
     model = net(network, channels, size)
     ref, hr = trained(model, train, reference)
-    drift = (flat(trained(perturbed(model), train, reference)[0]) - flat(ref)).abs().max().item()
+    shaken, hs = trained(perturbed(model), train, reference)
+    drift = (flat(shaken) - flat(ref)).abs().max().item()
     fast, hf = trained(model, train, section)
-    assert_same_training(fast, ref, drift, hf, hr)
+    assert_same_training(fast, ref, drift, hf, hr, hs)
     assert not fast.training
 
 
@@ -95,9 +99,10 @@ def test_compiled_fast_engine_trains_the_reference_model(recipe):
     reference = dataclasses.replace(section, engine="reference", compile=False)
     model = net("convnet3", 3, 16)
     ref, hr = trained(model, train, reference)
-    drift = (flat(trained(perturbed(model), train, reference)[0]) - flat(ref)).abs().max().item()
+    shaken, hs = trained(perturbed(model), train, reference)
+    drift = (flat(shaken) - flat(ref)).abs().max().item()
     fast, hf = trained(model, train, section)
-    assert_same_training(fast, ref, drift, hf, hr)
+    assert_same_training(fast, ref, drift, hf, hr, hs)
 
 
 def test_one_step_gradient_matches_autograd():
