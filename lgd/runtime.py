@@ -122,7 +122,7 @@ def compute_environment(device: torch.device, world: int) -> dict:
 
 def machine() -> dict:
     """The CPU and how torch computes on it. Two CPUs of one instruction set can still compute
-    other bits (oneDNN and MKL choose kernels by CPU model and cache size): the demo's images
+    other bits (likely oneDNN's and MKL's kernel choice by CPU model and cache size): the demo's images
     and trainings differ in their last bits between an AMD EPYC and an Intel Xeon, both AVX-512."""
     return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -145,8 +145,8 @@ def cpu_model() -> str:
         pass
     if "model name" not in fields:
         return platform.processor() or platform.machine()
-    ids = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model") if k in fields)
-    return f"{fields['model name']} ({' '.join(filter(None, (fields.get('vendor_id'), ids)))})"
+    ids = [fields.get("vendor_id"), *(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model") if k in fields)]
+    return f"{fields['model name']} ({' '.join(filter(None, ids))})"
 
 
 def source_revision() -> str | None:

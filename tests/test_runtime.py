@@ -68,27 +68,6 @@ def test_accelerate_flags_lgd_does_not_use_are_warned_in_one_line_each(monkeypat
     assert [r.getMessage().split(" is ")[0] for r in caplog.records] == ["accelerate launch --dynamo_backend=INDUCTOR"]
 
 
-def worker(timeout_minutes: float, work_s: float) -> int:
-    from lgd.errors import LgdError
-    from lgd.runtime import Runtime
-
-    runtime = Runtime(timeout_minutes)
-    try:
-        if runtime.is_main:
-            time.sleep(work_s)
-        runtime.barrier()
-        print(f"rank {runtime.rank} past the barrier", flush=True)
-        runtime.shutdown()
-        return 0
-    except LgdError as exc:  # as `lgd`'s entry point reports it
-        print(f"lgd: {exc}", file=sys.stderr, flush=True)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(worker(float(sys.argv[1]), float(sys.argv[2])))
-
-
 def test_the_cpu_model_comes_from_cpuinfo_with_its_vendor_family_and_model(tmp_path, monkeypatch):
     """Virtual machines name their CPUs generically ("Intel(R) Xeon(R) Processor"), so the
     family and model numbers go with the name; without /proc/cpuinfo the platform's answer."""
@@ -131,3 +110,25 @@ def test_a_resume_on_another_cpu_is_recorded_and_a_field_an_older_run_lacks_is_n
     (old / "environment.json").write_text(json.dumps({"threads": 2, "torch": "2.13.0+cpu"}))
     pin_environment(RunDir(old), first)
     assert not (old / "history.jsonl").exists()
+
+
+def worker(timeout_minutes: float, work_s: float) -> int:
+    from lgd.errors import LgdError
+    from lgd.runtime import Runtime
+
+    runtime = Runtime(timeout_minutes)
+    try:
+        if runtime.is_main:
+            time.sleep(work_s)
+        runtime.barrier()
+        print(f"rank {runtime.rank} past the barrier", flush=True)
+        runtime.shutdown()
+        return 0
+    except LgdError as exc:  # as `lgd`'s entry point reports it
+        print(f"lgd: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(worker(float(sys.argv[1]), float(sys.argv[2])))
+
