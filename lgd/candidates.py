@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,11 +30,13 @@ Score = Callable[[torch.Tensor, torch.Tensor, int], tuple]
 
 @dataclass
 class Generator:
-    """The generative side: DiT, latent codec and the sampling loop."""
+    """The generative side: DiT, latent codec and the sampling loops (guided, and unguided at
+    sampling.unguided_cfg_scale)."""
 
     dit: torch.nn.Module
     codec: torch.nn.Module
     sampler: Sampler
+    unguided_sampler: Sampler
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -92,8 +94,9 @@ def load_generator(config: Config, device: torch.device, geometry: Geometry | No
         apply_speedups(dit, codec, compile=s.compile, precision=s.precision, fp32_guidance=s.fp32_guidance,
                        checkpoint_decoder=s.checkpoint_decoder)
     settings = SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta)
+    unguided = settings if s.unguided_cfg_scale is None else replace(settings, cfg_scale=s.unguided_cfg_scale)
     shape = (dit.config.in_channels, dit.config.input_size, dit.config.input_size)
-    return Generator(dit, codec, Sampler(dit, settings, shape))
+    return Generator(dit, codec, Sampler(dit, settings, shape), Sampler(dit, unguided, shape))
 
 
 class CandidateGenerator:
@@ -116,8 +119,9 @@ class CandidateGenerator:
             targets = torch.tensor([classes[r] for r in batch], device=self.device)
             labels = torch.tensor([self.dit_classes[classes[r]] for r in batch], device=self.device)
             noise = NoiseStream([seeds[r] for r in batch], self.device)
+            sampler = self.generator.sampler if guidance is not None else self.generator.unguided_sampler
             with torch.no_grad():
-                latents.append(self.generator.sampler.sample(labels, noise, guidance, targets=targets))
+                latents.append(sampler.sample(labels, noise, guidance, targets=targets))
             if guidance is not None:
                 failed |= {batch[r] for r in guidance.nonfinite.pop_failed()}
         latents = torch.cat(latents)

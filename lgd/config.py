@@ -49,6 +49,9 @@ class DataSection:
 class SamplingSection:
     steps: int = 50
     cfg_scale: float = 4.0
+    # CFG of the unguided samples (the DiT baseline set, and a stages.initial=dit increment);
+    # null: cfg_scale. Guidance shifts which scale serves a set best, so each may be chosen on validation.
+    unguided_cfg_scale: float | None = None
     cfg_channels: int | None = None  # None: all latent channels; 3: the official DiT quirk
     method: str = "ddpm"
     eta: float = 0.0
@@ -452,6 +455,8 @@ def validate(config: Config) -> None:
 
     with problems.collect():
         SamplerSettings(s.steps, s.cfg_scale, s.cfg_channels, s.method, s.eta).validate()
+    check(s.unguided_cfg_scale is None or 1.0 <= s.unguided_cfg_scale <= 50.0,
+          f"sampling.unguided_cfg_scale must be in [1, 50] or null, got {s.unguided_cfg_scale}")
     check(s.batch_size >= 1, "sampling.batch_size must be at least 1")
     check(s.round_slots >= 1, f"sampling.round_slots must be at least 1, got {s.round_slots}")
     check(s.engine in ("fast", "reference"), f"sampling.engine must be fast or reference, got {s.engine!r}")

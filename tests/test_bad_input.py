@@ -59,6 +59,7 @@ DISTILL = [
     (["lgd.stage_model.lr=abc"], "lgd.stage_model.lr must be float, got 'abc'"),
     (["lgd.lamm=3"], "did you mean lgd.lam?"),
     (["sampling.cfg_scale=1e9"], "sampling.cfg_scale must be in [1, 50], got 1000000000.0"),
+    (["sampling.unguided_cfg_scale=0.5"], "sampling.unguided_cfg_scale must be in [1, 50] or null, got 0.5"),
     (["device=cuda:abc"], "device must be auto, cpu, cuda or cuda:N, got 'cuda:abc'"),
     (["device=tpu"], "device must be auto"),
     (["noequals"], "is not of the form section.key=value"),

@@ -58,6 +58,23 @@ def test_each_round_sees_the_images_of_earlier_rounds(tiny_models, tmp_path):
     assert (latents[1][1] - latents[2][1]).abs().max() > 1e-3
 
 
+def test_unguided_samples_take_their_own_cfg_scale(tiny_models, tmp_path):
+    """sampling.unguided_cfg_scale reaches the DiT baseline and nothing guided: its DiT set is
+    bit for bit a run's whose every set samples at that scale, its IGD set the run's at cfg_scale."""
+    def latents(name, **extra):
+        overrides = tiny_overrides(tiny_models, **{"stages.ipc": 2, **extra})
+        run = Distiller(load_config("demo", overrides), tmp_path / name, progress=False).run_all()
+        return {kind: torch.stack([load_file(str(p))["latent"] for p in sorted((run / folder).rglob("*.safetensors"))])
+                for kind, folder in (("igd", "latents"), ("dit", "baselines/dit/latents"))}
+
+    shared = latents("shared", **{"sampling.unguided_cfg_scale": None})  # cfg_scale 2 for both sets
+    own = latents("own", **{"sampling.unguided_cfg_scale": 1.0})
+    all_one = latents("all_one", **{"sampling.cfg_scale": 1.0})
+    torch.testing.assert_close(own["dit"], all_one["dit"], rtol=0, atol=0)
+    torch.testing.assert_close(own["igd"], shared["igd"], rtol=0, atol=0)
+    assert (own["dit"] - shared["dit"]).abs().max() > 1e-3
+
+
 def test_deviation_gamma_too_large_for_the_latents_is_warned(caplog):
     from lgd.pipeline import warn_deviation_scale
 
@@ -317,8 +334,8 @@ def test_a_resume_may_change_how_to_compute_but_not_what_to_make(tmp_path):
     assert entry["changed"]["device"] == ["auto", "cpu"]
     assert "eval.runs" not in entry["may_change_bits"] and "sampling.batch_size" in entry["may_change_bits"]
     assert load_config(tmp_path / "config.yaml").sampling.batch_size == 7
-    with pytest.raises(ConfigError, match=r"different config \(lgd.lam, sampling.steps\)"):
-        claim(run, load_config("demo", how + ["lgd.lam=3", "sampling.steps=30"]))
+    with pytest.raises(ConfigError, match=r"different config \(lgd.lam, sampling.steps, sampling.unguided_cfg_scale\)"):
+        claim(run, load_config("demo", how + ["lgd.lam=3", "sampling.steps=30", "sampling.unguided_cfg_scale=2"]))
 
 
 @pytest.mark.slow
