@@ -6,7 +6,8 @@
 
 Trains every network `runs` times from scratch on each image set (LGD, the baselines under
 RUN/baselines/, a random real subset) and writes RUN/eval/results.json and RUN/eval/report.md.
-Launched on several processes, the trainings are shared among them (the table is the same).
+Launched on several processes, the trainings are shared among them (the table is the same);
+on a CPU, eval.processes > 1 starts that many processes itself, of threads / N threads each.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+
+from lgd.errors import ConfigError  # noqa: E402
 
 SETS = ("random", "dit", "igd", "lgd")  # as lgd.assessment.SET_ORDER; here so building the parser stays light
 
@@ -37,18 +40,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    from lgd.assessment import check_finished, evaluate_run, load_run_config, write_report
-    from lgd.runtime import Runtime, computing_threads
+    from lgd.assessment import check_finished, load_run_config, write_report
+    from lgd.runtime import launched, resolve_device, run_on_local_processes
 
     config = load_run_config(args.run_dir, args.overrides)
     check_finished(args.run_dir, args.partial)
+    processes = config.eval.processes
+    if processes == 1 or launched():
+        return write_report(args.run_dir) if evaluate_here(args, config, config.threads) else None
+    if resolve_device(args.device or config.device).type != "cpu":
+        raise ConfigError(f"eval.processes={processes} shares the trainings among CPU processes; on GPUs "
+                          "start one process per GPU with `accelerate launch` (and eval.processes=1)")
+    import torch
+
+    # Small networks train faster one thread each, side by side, than on all threads in turn.
+    threads = max(1, (config.threads or torch.get_num_threads()) // processes)
+    run_on_local_processes(evaluate_here, processes, threads, args, config, threads)
+    return write_report(args.run_dir)
+
+
+def evaluate_here(args: argparse.Namespace, config, threads: int | None) -> bool:
+    """This process's share of the evaluation (all of it alone); whether it is the main process."""
+    from lgd.assessment import evaluate_run
+    from lgd.runtime import Runtime, computing_threads
+
     runtime = Runtime()
     try:
         device = runtime.device_for(args.device or config.device)
-        with computing_threads(config.threads):
+        with computing_threads(threads):
             evaluate_run(args.run_dir, config, networks=args.networks, runs=args.runs, epochs=args.epochs,
                          sets=args.sets, device=device, runtime=runtime, progress=not args.no_progress)
-        return write_report(args.run_dir) if runtime.is_main else None
+        return runtime.is_main
     finally:
         runtime.shutdown()
 

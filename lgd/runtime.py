@@ -3,7 +3,8 @@
 One `Runtime` per process: rank and world size from Accelerate's PartialState (a single
 process when not launched by `accelerate launch`), barriers, gathering Python objects onto
 every rank, the device each process uses, and the clean shutdown that keeps multi-process CPU runs
-from aborting at exit.
+from aborting at exit. `run_on_local_processes` starts such a group of CPU processes from a plain
+command (what `accelerate launch --num_processes N` would).
 
 The process group is created with the run's `distributed_timeout`: the main process trains
 theta* and IGD's surrogate alone while the other ranks wait at a barrier, which takes longer
@@ -16,6 +17,8 @@ import datetime
 import gc
 import logging
 import os
+import socket
+import sys
 
 import torch
 
@@ -107,6 +110,49 @@ class Runtime:
         gc.collect()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def launched() -> bool:
+    """Whether this process is one of a group that a launcher (accelerate, torchrun) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_on_local_processes(function, processes: int, threads: int, *args) -> None:
+    """function(*args) on `processes` spawned CPU processes of `threads` intra-op threads that
+    form one process group (each makes its own `Runtime`). An LgdError in one ends the group
+    with that error, as one line."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
+             "LOCAL_WORLD_SIZE": str(processes), "ACCELERATE_USE_CPU": "true",
+             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # else Accelerate sets 1, with a warning
+    errors = mp.get_context("spawn").SimpleQueue()
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)  # not "terminating process N" when one failed: its error says why
+    try:
+        mp.start_processes(_local_process, args=(function, args, group, threads, errors), nprocs=processes,
+                           start_method="spawn")
+    except mp.ProcessExitedException:
+        if not errors.empty():  # the failed process's own message; start_processes stopped the others
+            raise LgdError(errors.get()) from None
+        raise
+    finally:
+        spawn_log.setLevel(level)
+
+
+def _local_process(rank: int, function, args: tuple, group: dict, threads: int, errors) -> None:
+    os.environ.update(group, RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        function(*args)
+    except LgdError as exc:
+        errors.put(str(exc))
+        sys.exit(2)
 
 
 def compute_environment(device: torch.device, world: int) -> dict:

@@ -133,6 +133,32 @@ def test_evaluate_on_two_processes_gives_the_one_process_table(tmp_path, group_s
     assert sorted(a["accuracy"]["convnet3"]) == ["dit", "lgd", "random"]
     assert b == a
     assert (two / "eval" / "report.md").read_text() == (one / "eval" / "report.md").read_text()
+    if group_size == 2:  # eval.processes: the same two processes, started by a plain `lgd evaluate`
+        spawned = fake_run(tmp_path / "spawned" / "run")
+        seconds = run([sys.executable, "-m", "lgd", *args[:1], str(spawned), *args[1:], "eval.processes=2"])
+        print(f"eval.processes=2: {seconds:.1f} s")
+        c = json.loads((spawned / "eval" / "results.json").read_text())
+        assert c == a
+        assert (spawned / "eval" / "report.md").read_text() == (one / "eval" / "report.md").read_text()
+
+
+def test_eval_processes_end_in_one_line_on_bad_input(tmp_path, monkeypatch):
+    """An error inside a spawned process is the command's one-line error; GPUs are refused."""
+    import argparse
+
+    from lgd.errors import ConfigError
+    from lgd.evaluate import run as evaluate
+
+    root = fake_run(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "lgd", "evaluate", str(root), "--runs", "0", "eval.processes=2"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "lgd evaluate: error: runs and epochs must be at least 1, got runs=0" in result.stderr
+    assert "Traceback" not in result.stderr
+    monkeypatch.setattr("lgd.runtime.resolve_device", lambda name: torch.device("cuda"))
+    args = argparse.Namespace(run_dir=root, overrides=["eval.processes=2"], partial=False, device=None)
+    with pytest.raises(ConfigError, match="eval.processes=2 shares the trainings among CPU processes; on GPUs"):
+        evaluate(args)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def accuracy_section(results: dict) -> list[str]:
     lines += ["", "Images per class: " + ", ".join(f"{_title(s)} {results['sets'][s]['ipc']}" for s in sets) + "."]
     if "machine" in results:  # another CPU computes other last bits, so the table names its own
         m = results["machine"]
-        lines += ["", f"Trained on {m['cpu']} ({m['cpu_capability']} kernels, {m['threads']} threads, torch {m['torch']})."]
+        threads = f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}"
+        lines += ["", f"Trained on {m['cpu']} ({m['cpu_capability']} kernels, {threads}, torch {m['torch']})."]
     for name, reason in results.get("skipped", {}).items():
         lines += ["", f"Not evaluated: {_title(name)} ({reason})."]
     return lines + [""] + samples_section(results.get("grids", {}))
