@@ -198,7 +198,8 @@ class Config:
     # what the main process does alone (training theta*, IGD's surrogate: hours at ImageNet scale).
     distributed_timeout: float = 180.0
     tracker: str = "none"  # none | tensorboard | wandb: stage rates and training losses through Accelerate's trackers
-    # Intra-op CPU threads of distill, evaluate and analyze (None: torch's default, one per core).
+    # Intra-op CPU threads of distill, evaluate and analyze (None: torch's default, one per core;
+    # eval.processes splits them).
     # The thread count changes the order of float reductions, so a fixed count makes machines
     # with other core counts compute the same bits.
     threads: int | None = None

@@ -411,7 +411,7 @@ def test_the_configs_thread_count_is_the_runs(tiny_models, tmp_path, monkeypatch
     import lgd.assessment
 
     before = torch.get_num_threads()
-    overrides = tiny_overrides(tiny_models, threads=3, **{"stages.ipc": 2, "eval.baselines": []})
+    overrides = tiny_overrides(tiny_models, threads=3, **{"stages.ipc": 2, "eval.baselines": [], "eval.processes": 1})
     seen = []
     run = Distiller(load_config("demo", overrides), tmp_path / "run", progress=False)
     run.prepare()
