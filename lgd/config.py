@@ -177,7 +177,7 @@ class EvalSection:
     periodic_tests: int = 100
     # CPU: `lgd evaluate` shares the trainings among this many processes it starts, each with
     # threads / N intra-op threads (the table is that of one process at threads / N). Small
-    # networks train faster one thread each, side by side: the demo's evaluation took 310 s on
+    # networks train faster one thread each, side by side: the demo's evaluation took 310-355 s on
     # 2 processes against 447 s on one of 2 threads. GPUs: one process per GPU via accelerate launch.
     processes: int = 1
     # The real test images: "resize" to the classifier size (Minimax/IDC: Resize(224) +

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> Path | None:
 
     # Small networks train faster one thread each, side by side, than on all threads in turn.
     threads = max(1, (config.threads or torch.get_num_threads()) // processes)
-    run_on_local_processes(evaluate_here, processes, threads, args, config, threads)
+    run_on_local_processes(evaluate_here, processes, threads, args, config, None)  # None: the process's threads
     return write_report(args.run_dir)
 
 
