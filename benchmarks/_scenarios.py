@@ -311,7 +311,8 @@ def sampling_run(scn: Scenario, kind: str, provider: str, images: int, steps: in
     scn = scn.for_provider(provider)
     sampler = scn.sampler(steps)
     guidance = scn.guidance(kind, provider, sampler, steps)
-    candidates = CandidateGenerator(Generator(scn.dit, scn.codec, sampler), list(range(NUM_CLASSES)),
+    generator = Generator(scn.dit, scn.codec, sampler, unguided_sampler=sampler)  # every unit here is guided
+    candidates = CandidateGenerator(generator, list(range(NUM_CLASSES)),
                                     torch.device("cpu"), engine=scn.run_config(provider).sampling.engine)
     seeds = list(range(1000, 1000 + images))
 
