@@ -8,7 +8,8 @@ trains (the reference model, the stage models, the Random baseline) on the embed
 images less 100 per class, and it is scored on those 100 per class. The test split is never
 read, so the settings chosen here can be reported on it honestly. Each variant is one
 `lgd distill` and one `lgd evaluate` (LGD only; "base" also evaluates the baselines and runs
-the cross-increment analysis), in <out>/<variant>/; finished ones are reused. Writes
+the cross-increment analysis; the DiT-set variants, which change only how the DiT set is
+sampled, the DiT set alone), in <out>/<variant>/; finished ones are reused. Writes
 <out>/ablation.json and <out>/ablation.md (a markdown table, best-first within each group).
 """
 from __future__ import annotations
@@ -21,6 +22,10 @@ from _runs import measure_all, seconds_of, timed
 
 VALIDATION = ["data.evaluate_on=validation"]
 NO_BASELINES = ["eval.baselines=[]"]
+# The group whose variants are scored on the DiT set: the CFG the plain DiT set is sampled at
+# (sampling.unguided_cfg_scale; the preset's is 1), which does not touch the LGD set.
+DIT_SET_GROUP = "the DiT set's CFG"
+SET_NAMES = {"lgd": "LGD", "dit": "DiT"}
 
 # name -> (group, overrides). Each group changes one setting of the base (the demo preset).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -36,6 +41,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cfg 1": ("CFG scale", ["sampling.cfg_scale=1"]),
     "cfg 1.5": ("CFG scale", ["sampling.cfg_scale=1.5"]),
     "cfg 3": ("CFG scale", ["sampling.cfg_scale=3"]),
+    "dit cfg 1.5": (DIT_SET_GROUP, ["sampling.unguided_cfg_scale=1.5"]),
+    "dit cfg 2": (DIT_SET_GROUP, ["sampling.unguided_cfg_scale=2"]),
     "stage epochs 50": ("stage model budget", ["lgd.stage_model.epochs=50"]),
     "stage epochs 200": ("stage model budget", ["lgd.stage_model.epochs=200"]),
     "gamma 0": ("deviation guidance gamma", ["lgd.gamma=0"]),
@@ -45,22 +52,28 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def scored_set(name: str) -> str:
+    """The set a variant is measured on: the DiT set for the DiT-set group, else LGD."""
+    return "dit" if VARIANTS[name][0] == DIT_SET_GROUP else "lgd"
+
+
 def run_variant(out: Path, name: str, preset: str, runs: int | None, extra: list[str]) -> dict:
     group, overrides = VARIANTS[name]
     folder = out / name.replace(" ", "_")
-    base = name == "base"
+    base, scored = name == "base", scored_set(name)
+    baselines = [] if base else (["eval.baselines=[dit]"] if scored == "dit" else NO_BASELINES)
     if not (folder / "done.json").is_file():
         timed(folder, "distill", "--config", preset, "--out", str(folder), "--no-progress",
-              *VALIDATION, *([] if base else NO_BASELINES), *overrides, *extra)
+              *VALIDATION, *baselines, *overrides, *extra)
     results_file = folder / "eval" / "results.json"
     if not results_file.is_file():
         timed(folder, "evaluate", str(folder), "--no-progress", *(["--runs", str(runs)] if runs else []),
-              *([] if base else ["--sets", "lgd"]))
+              *([] if base else ["--sets", scored]))
     if base and not (folder / "eval" / "analyses.json").is_file():
         timed(folder, "analyze", str(folder), "--no-progress", "--analyses", "cross")
     results = json.loads(results_file.read_text())
     timing = seconds_of(folder)
-    row = {"variant": name, "group": group, "overrides": overrides, "runs": results["runs"],
+    row = {"variant": name, "group": group, "overrides": overrides, "scored": scored, "runs": results["runs"],
            "seconds": sum(timing.values()) if timing else None}  # None: run before times were kept
     for network, cells in results["accuracy"].items():
         row.update({f"{s}": cells[s] for s in cells})
@@ -73,13 +86,14 @@ def run_variant(out: Path, name: str, preset: str, runs: int | None, extra: list
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| group | variant | overrides | LGD (validation top-1 %) |", "|---|---|---|---|"]
+    lines = ["| group | variant | overrides | validation top-1 % |", "|---|---|---|---|"]
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group"], []).append(row)
     for group, members in groups.items():
-        for row in sorted(members, key=lambda r: -r["lgd"]["mean"]):
-            cell = f"{row['lgd']['mean']:.1f} ± {row['lgd']['std']:.1f}"
+        scored = members[0].get("scored", "lgd")  # rows stored before the DiT-set group: LGD
+        for row in sorted(members, key=lambda r: -r[scored]["mean"]):
+            cell = f"{SET_NAMES[scored]} {row[scored]['mean']:.1f} ± {row[scored]['std']:.1f}"
             lines.append(f"| {group} | {row['variant']} | {' '.join(row['overrides']) or '(demo preset)'} | {cell} |")
     base = next((r for r in rows if r["variant"] == "base"), None)
     if base:

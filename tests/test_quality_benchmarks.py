@@ -65,18 +65,24 @@ def test_demo_ablation_on_a_tiny_configuration(tiny_models, tmp_path):
         section, _, field = key.partition(".")
         preset.setdefault(section, {})[field] = value
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(preset))
-    script("demo_ablation.py", "--out", "out", "--preset", "tiny.yaml", "--only", "base", "lam 0", tmp_path=tmp_path)
+    variants = ("base", "lam 0", "dit cfg 2")
+    script("demo_ablation.py", "--out", "out", "--preset", "tiny.yaml", "--only", *variants, tmp_path=tmp_path)
     rows = json.loads((tmp_path / "out" / "ablation.json").read_text())
-    assert [r["variant"] for r in rows] == ["base", "lam 0"]
-    base, lam0 = rows
+    assert [r["variant"] for r in rows] == list(variants)
+    base, lam0, dit_cfg = rows
     assert set(base) >= {"lgd", "random", "dit", "off_diagonal"} and set(lam0) >= {"lgd"} and "dit" not in lam0
-    for name in ("base", "lam_0"):
+    # The DiT-set variant is scored on the DiT set alone, sampled at its own CFG.
+    assert dit_cfg["scored"] == "dit" and "dit" in dit_cfg and "lgd" not in dit_cfg
+    for name in ("base", "lam_0", "dit_cfg_2"):
         config = yaml.safe_load((tmp_path / "out" / name / "config.yaml").read_text())
         assert config["data"]["evaluate_on"] == "validation"  # tuned on held-out training images
     assert yaml.safe_load((tmp_path / "out" / "lam_0" / "config.yaml").read_text())["lgd"]["lam"] == 0
+    dit_config = yaml.safe_load((tmp_path / "out" / "dit_cfg_2" / "config.yaml").read_text())
+    assert dit_config["sampling"]["unguided_cfg_scale"] == 2 and dit_config["eval"]["baselines"] == ["dit"]
     table = (tmp_path / "out" / "ablation.md").read_text()
-    assert f"| lam 0 | lgd.lam=0 | {lam0['lgd']['mean']:.1f} ± " in table
-    assert base["seconds"] > 0 and lam0["seconds"] > 0
-    # Run again: both runs are reused and their rows keep the seconds they were measured with.
-    script("demo_ablation.py", "--out", "out", "--preset", "tiny.yaml", "--only", "base", "lam 0", tmp_path=tmp_path)
+    assert f"| lam 0 | lgd.lam=0 | LGD {lam0['lgd']['mean']:.1f} ± " in table
+    assert f"| dit cfg 2 | sampling.unguided_cfg_scale=2 | DiT {dit_cfg['dit']['mean']:.1f} ± " in table
+    assert base["seconds"] > 0 and lam0["seconds"] > 0 and dit_cfg["seconds"] > 0
+    # Run again: the runs are reused and their rows keep the seconds they were measured with.
+    script("demo_ablation.py", "--out", "out", "--preset", "tiny.yaml", "--only", *variants, tmp_path=tmp_path)
     assert json.loads((tmp_path / "out" / "ablation.json").read_text()) == rows
