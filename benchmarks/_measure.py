@@ -217,5 +217,5 @@ def environment() -> dict:
         "device": "cpu", "dtype": "float32", "torch": torch.__version__, "diffusers": diffusers.__version__,
         "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
         "cpu": cpu_model(), "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
-        "learnability_op": "cpp" if _ops.has_learnability_op() else "torch",
+        "learnability_op": "cpp" if _ops.has_op("learnability") else "torch",
     }

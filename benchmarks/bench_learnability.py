@@ -33,7 +33,7 @@ def _cpp(student, reference, labels, omega, kappa):
 
 PROVIDERS = {
     "cpp": pytest.param(_cpp, marks=pytest.mark.skipif(
-        not _ops.has_learnability_op(), reason="lgd._C is not built")),
+        not _ops.has_op("learnability"), reason="lgd._C is not built")),
     "torch": pytest.param(learnability_reference),
 }
 

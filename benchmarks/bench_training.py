@@ -14,7 +14,9 @@ demo: ConvNet-3 width 32 at 32 px, 1 channel, 10 classes, IPC 10 of the embedded
   the DC recipe (DSA augmentation), 10 epochs per call; groups of 5 members.
 nette: ConvNet-6 width 128 at 224 px, 3 channels, batch 64 (one batch per call), the
   hard-label recipe. A step is ~1 TFLOP, seconds on a CPU: one epoch of 64 images per call.
-compiled providers compile in a separate first call (extra_info first_call_s).
+compiled providers compile in a separate first call (extra_info first_call_s). "compiled, plain
+norm" runs the step with the kernel policy at torch: inductor's own kernels for instance norm,
+ReLU and pooling instead of the C++ op NormReLUPool runs (lgd.kernels.norm_relu_pool).
 """
 import dataclasses
 import time
@@ -26,6 +28,7 @@ from _measure import count_flops, environment
 
 from lgd.classifiers import build_classifier
 from lgd.config import TrainSection
+from lgd.kernels import policy
 from lgd.training import Member, train_classifiers
 
 CONFIGS = {
@@ -37,10 +40,11 @@ PROVIDERS = {  # name -> (section fields, members)
     "reference": (dict(engine="reference"), 1),
     "fast": (dict(), 1),
     "compiled": (dict(compile=True), 1),
+    "compiled, plain norm": (dict(compile=True), 1),  # LGD_KERNELS=torch: inductor's norm/ReLU/pool
     "group-loop x5": (dict(compile=True, stacking="loop"), 5),
     "group-vmap x5": (dict(compile=True, stacking="vmap"), 5),
 }
-SKIP = {("nette", "group-loop x5"), ("nette", "group-vmap x5"), ("nette", "fast")}  # minutes per call on a CPU
+SKIP = {("nette", "group-loop x5"), ("nette", "group-vmap x5"), ("nette", "fast"), ("nette", "compiled, plain norm")}  # minutes per call on a CPU
 
 
 def training_flops(c: dict) -> int:
@@ -80,15 +84,18 @@ def test_training(benchmark, config, provider):
                            batch_size=64, **fields)
     datas = [data(c, s) for s in range(count)]
 
+    mode = "torch" if provider == "compiled, plain norm" else policy.current_mode()
+
     def run(epochs: int = c["epochs"]):
         members = []
         for s, d in enumerate(datas):
             torch.manual_seed(s)
             members.append(Member(build_classifier(c["network"], c["channels"], 10, c["size"], width=c["width"]), d, s))
-        train_classifiers(members, dataclasses.replace(section, epochs=epochs), progress=False)
+        with policy.kernel_mode(mode):
+            train_classifiers(members, dataclasses.replace(section, epochs=epochs), progress=False)
 
     benchmark.group = f"training | {config}"
-    benchmark.extra_info.update(kernel="training", provider=provider, config=config, members=count,
+    benchmark.extra_info.update(kernel="training", provider=provider, config=config, members=count, kernels=mode,
                                 images_per_call=count * c["images"] * c["epochs"],
                                 flops_per_image=training_flops(c), **{k: v for k, v in c.items() if k != "rounds"},
                                 **environment())

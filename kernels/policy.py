@@ -2,13 +2,13 @@
 
 Modes (the config field `sampling.kernels`; the environment variable LGD_KERNELS overrides it):
 
-    auto   a fused kernel runs only where it is validated for the device: the C++ learnability
-           op on CPU (built and tested with the package), a Triton kernel on a CUDA GPU only if
-           `validated.json` (next to this file) records a GPU check of that kernel
-           (benchmarks/gpu_check.py --record) on a GPU of the same compute capability that
-           found it correct at the real shapes and faster than what inductor makes of the plain
-           ops. Everything else runs the plain torch twin, which torch.compile fuses itself.
-    fused  every fused kernel the device has: Triton on CUDA, the C++ learnability op on CPU.
+    auto   a fused kernel runs only where it is validated for the device: the C++ ops
+           (learnability, norm_relu_pool) on CPU (built and tested with the package), a
+           Triton kernel on a CUDA GPU only if `validated.json` (next to this file) records a
+           GPU check of that kernel (benchmarks/gpu_check.py --record) on a GPU of the same
+           compute capability that found it correct at the real shapes and faster than what
+           inductor makes of the plain ops. Everything else runs the plain torch twin, which torch.compile fuses itself.
+    fused  every fused kernel the device has: Triton on CUDA, the C++ ops on CPU.
     torch  the plain torch twins everywhere.
 
 The reference sampling engine always runs `torch`. Call sites ask `backend(kernel, device)`
@@ -29,10 +29,11 @@ from lgd.errors import ConfigError
 
 from ._common import HAS_TRITON
 
-KERNELS = ("adaln_norm", "group_norm_silu", "learnability")
+KERNELS = ("adaln_norm", "group_norm_silu", "learnability", "norm_relu_pool")
 MODES = ("auto", "fused", "torch")
 ENV = "LGD_KERNELS"
-CPU_KERNELS = ("learnability",)  # the fused ops with a CPU implementation (the C++ extension)
+CPU_KERNELS = ("learnability", "norm_relu_pool")  # the fused ops with a C++ CPU op (csrc/)
+GPU_KERNELS = ("adaln_norm", "group_norm_silu", "learnability")  # the fused ops with a Triton kernel
 
 
 def resolve_mode(configured: str = "auto") -> str:
@@ -85,13 +86,13 @@ def backend(kernel: str, device: torch.device | str) -> str:
     if mode == "torch":
         return "torch"
     if device.type == "cuda":
-        if not HAS_TRITON:
+        if not HAS_TRITON or kernel not in GPU_KERNELS:
             return "torch"
         return "triton" if mode == "fused" or _validated_on(kernel, device) else "torch"
     if device.type == "cpu" and kernel in CPU_KERNELS:
-        if _ops.has_learnability_op():
+        if _ops.has_op(kernel):
             return "cpp"
-        _ops.warn_missing_once()
+        _ops.warn_missing_once(kernel)
     return "torch"
 
 

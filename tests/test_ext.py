@@ -13,7 +13,7 @@ from lgd.kernels import learnability as lrn
 from lgd.kernels._common import KernelInputError
 
 needs_ext = pytest.mark.skipif(
-    not _ops.has_learnability_op(),
+    not _ops.has_op("learnability"),
     reason="lgd._C is not built (build: pip install -e . --no-build-isolation)",
 )
 OMEGA = 0.5

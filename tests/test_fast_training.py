@@ -280,20 +280,28 @@ def test_one_channel_conv_matches_conv2d(shape, out, kernel, stride, padding, bi
             assert (outs["fast"][i] - outs["ref64"][i]).abs().max() <= 2 * ref_err + atol
 
 
-def test_fast_twin_swaps_only_plain_average_pools_and_one_channel_convolutions():
+@pytest.mark.parametrize("name,ch,fused_pools,mean_pools", [
+    ("convnet3", 1, [2, 2, 2], 0), ("convnet6", 3, [2, 2, 2, 2, 1, 1], 0),
+    ("resnet_ap10", 3, [1], 6), ("resnet18", 3, [1], 0), ("resnet_ap10", 1, [1], 6)])
+def test_fast_twin_swaps_pools_one_channel_convolutions_and_norm_relu_pool_runs(name, ch, fused_pools, mean_pools):
+    """Every plain AvgPool2d becomes MeanPool, unless it ends an instance norm -> ReLU -> pool
+    run, which becomes one NormReLUPool (ConvNet's blocks; the ResNets' stems, without pool);
+    the parameters keep their names and the outputs their values."""
+    from lgd.kernels.norm_relu_pool import NormReLUPool
     from lgd.training.fast import MeanPool, OneChannelConv, fast_twin
 
-    for name, ch, size in (("convnet3", 1, 32), ("resnet_ap10", 3, 32), ("resnet18", 3, 32), ("resnet_ap10", 1, 32)):
-        model = build_classifier(name, ch, 4, size, width=8)
-        twin = fast_twin(model)
-        pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
-        assert sum(isinstance(m, MeanPool) for m in twin.modules()) == len(pools)
-        one_channel = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 1]
-        assert len(one_channel) == (1 if ch == 1 else 0)
-        assert sum(isinstance(m, OneChannelConv) for m in twin.modules()) == len(one_channel)
-        assert [k for k, _ in twin.named_parameters()] == [k for k, _ in model.named_parameters()]
-        x = torch.rand(2, ch, size, size)
-        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-6)
+    model = build_classifier(name, ch, 4, 32, width=8)
+    twin = fast_twin(model)
+    assert [m.pool for m in twin.modules() if isinstance(m, NormReLUPool)] == fused_pools
+    assert sum(isinstance(m, MeanPool) for m in twin.modules()) == mean_pools
+    one_channel = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 1]
+    assert len(one_channel) == (1 if ch == 1 else 0)
+    assert sum(isinstance(m, OneChannelConv) for m in twin.modules()) == len(one_channel)
+    assert [k for k, _ in twin.named_parameters()] == [k for k, _ in model.named_parameters()]
+    x = torch.rand(2, ch, 32, 32)
+    torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-6)
+    stacked = fast_twin(model, stacked=True)  # vmap: the plain modules, only the pools swapped
+    assert not any(isinstance(m, (NormReLUPool, OneChannelConv)) for m in stacked.modules())
 
 
 def test_default_group_size_follows_free_memory():

@@ -35,15 +35,18 @@ def test_auto_runs_exactly_the_kernels_validated_for_the_capability(gpu, monkeyp
     gpu["adaln_norm"] = [{"gpu": "NVIDIA H100", "capability": "9.0", "speedup_min": 1.3}]
     gpu["learnability"] = [{"gpu": "NVIDIA A100", "capability": "8.0", "speedup_min": 1.2}]
     with policy.kernel_mode("auto"):
-        assert policy.status(CUDA) == {"adaln_norm": "triton", "group_norm_silu": "torch", "learnability": "torch"}
+        assert policy.status(CUDA) == {"adaln_norm": "triton", "group_norm_silu": "torch", "learnability": "torch",
+                                       "norm_relu_pool": "torch"}
     monkeypatch.setattr(policy, "_capabilities", {0: "8.0"})
     with policy.kernel_mode("auto"):
-        assert policy.status(CUDA) == {"adaln_norm": "torch", "group_norm_silu": "torch", "learnability": "triton"}
+        assert policy.status(CUDA) == {"adaln_norm": "torch", "group_norm_silu": "torch", "learnability": "triton",
+                                       "norm_relu_pool": "torch"}
 
 
 def test_fused_and_torch_modes(gpu, monkeypatch):
-    with policy.kernel_mode("fused"):
-        assert policy.status(CUDA) == {k: "triton" for k in policy.KERNELS}
+    with policy.kernel_mode("fused"):  # every kernel with a Triton version; norm_relu_pool has none
+        assert policy.status(CUDA) == {k: "triton" if k in policy.GPU_KERNELS else "torch" for k in policy.KERNELS}
+        assert policy.status(CUDA)["norm_relu_pool"] == "torch"
     with policy.kernel_mode("torch"):
         assert policy.status(CUDA) == {k: "torch" for k in policy.KERNELS}
         assert policy.status("cpu") == {k: "torch" for k in policy.KERNELS}
@@ -52,14 +55,15 @@ def test_fused_and_torch_modes(gpu, monkeypatch):
         assert policy.status(CUDA) == {k: "torch" for k in policy.KERNELS}
 
 
-def test_cpu_runs_the_compiled_learnability_op_unless_told_torch():
+def test_cpu_runs_the_compiled_cpp_ops_unless_told_torch():
     from lgd import _ops
 
-    if not _ops.has_learnability_op():
+    if not (_ops.has_op("learnability") and _ops.has_op("norm_relu_pool")):
         pytest.skip("lgd._C is not built")
     for mode in ("auto", "fused"):
         with policy.kernel_mode(mode):
-            assert policy.status("cpu") == {"adaln_norm": "torch", "group_norm_silu": "torch", "learnability": "cpp"}
+            assert policy.status("cpu") == {"adaln_norm": "torch", "group_norm_silu": "torch", "learnability": "cpp",
+                                            "norm_relu_pool": "cpp"}
 
 
 def test_kernel_mode_restores_the_previous_mode():

@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from lgd.classifiers.base import fit_input
+from lgd.kernels.norm_relu_pool import NormReLUPool, mean_pool
 from lgd.progress import progress_bar
 from lgd.training.recipes import Source, TrainHistory, augmenter, lr_milestones, recipe_loss
 
@@ -56,20 +57,18 @@ CPU_CACHE_BYTES = 4 << 20
 
 
 class MeanPool(nn.Module):
-    """AvgPool2d(k) (stride k, no padding, floor mode) as a reshape and a mean: the same
-    numbers, but its backward is a broadcast, which inductor fuses far better than
-    avg_pool2d_backward (measured on the demo network's compiled step: 9 ms per 32 images
-    against 11-14 ms). Its reference twin is nn.AvgPool2d (tests/test_fast_training.py)."""
+    """AvgPool2d(k) (stride k, no padding, floor mode) as a reshape and a mean
+    (lgd.kernels.norm_relu_pool.mean_pool): the same numbers, but its backward is a broadcast,
+    which inductor fuses far better than avg_pool2d_backward (measured on the demo network's
+    compiled step: 9 ms per 32 images against 11-14 ms). Its reference twin is nn.AvgPool2d
+    (tests/test_fast_training.py)."""
 
     def __init__(self, k: int):
         super().__init__()
         self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        k = self.k
-        x = x[..., : h - h % k, : w - w % k]
-        return x.reshape(b, c, h // k, k, w // k, k).mean((3, 5))
+        return mean_pool(x, self.k)
 
 
 def channels_last_view(t: torch.Tensor) -> torch.Tensor:
@@ -118,13 +117,50 @@ def _plain_avg_pool(m: nn.Module) -> int | None:
     return k if plain and m.divisor_override is None else None
 
 
+def _norm_relu_pool_block(modules: list[nn.Module], i: int) -> tuple[int, int] | None:
+    """(pool, modules covered) when modules[i:] start with instance norm (GroupNorm of one
+    group per channel, affine), ReLU and optionally a plain AvgPool2d: ConvNet's block after
+    its convolution, which NormReLUPool computes in one op."""
+    norm = modules[i]
+    if not (type(norm) is nn.GroupNorm and norm.num_groups == norm.num_channels and norm.affine):
+        return None
+    if i + 1 >= len(modules) or type(modules[i + 1]) is not nn.ReLU:
+        return None
+    k = _plain_avg_pool(modules[i + 2]) if i + 2 < len(modules) else None
+    return (k, 3) if k is not None else (1, 2)
+
+
+def _fuse_norm_relu_pool(seq: nn.Sequential) -> None:
+    """Each norm -> ReLU (-> pool) run in `seq` becomes NormReLUPool in the norm's slot, which
+    keeps its parameters' names, and Identity in the others."""
+    modules = list(seq)
+    i = 0
+    while i < len(modules):
+        block = _norm_relu_pool_block(modules, i)
+        if block is None:
+            i += 1
+            continue
+        (pool, covered), norm = block, modules[i]
+        fused = NormReLUPool(norm.num_channels, pool, norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
+        fused.load_state_dict(norm.state_dict())
+        seq[i] = fused
+        for j in range(i + 1, i + covered):
+            seq[j] = nn.Identity()
+        i += covered
+
+
 def fast_twin(model: nn.Module, stacked: bool = False) -> nn.Module:
     """A copy of `model` with every plain AvgPool2d replaced by MeanPool and, on CPU (where it
-    was measured) unless `stacked` (vmap cannot restride a batched tensor), every
-    one-input-channel Conv2d by OneChannelConv (same parameters and names, so functional_call
-    takes the original's state)."""
+    was measured) unless `stacked` (vmap can neither restride a batched tensor nor run the
+    fused op's autograd.Function), every one-input-channel Conv2d by OneChannelConv and every
+    instance norm -> ReLU (-> pool) run of a Sequential by NormReLUPool (same parameters and
+    names, so functional_call takes the original's state). NormReLUPool runs the C++ op where
+    lgd.kernels.policy selects it (CPU, built) and the plain ops otherwise."""
     twin = copy.deepcopy(model)
     views = not stacked and all(p.device.type == "cpu" for p in twin.parameters())
+    if views:
+        for seq in [m for m in twin.modules() if isinstance(m, nn.Sequential)]:
+            _fuse_norm_relu_pool(seq)
     for parent in twin.modules():
         for name, child in parent.named_children():
             k = _plain_avg_pool(child)
