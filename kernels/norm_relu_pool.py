@@ -81,11 +81,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pool: int)
         raise KernelInputError(f"norm_relu_pool: pool must be >= 1, got {pool}")
 
 
+def _cpp_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    return x.dtype in CPP_DTYPES and weight.dtype == x.dtype and bias.dtype == x.dtype
+
+
 def norm_relu_pool_cpp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pool: int,
                        eps: float = 1e-5) -> torch.Tensor:
     """The C++ op (CPU, float32/float64), differentiable in x, weight and bias."""
     _check(x, weight, bias, pool)
-    if x.device.type != "cpu" or x.dtype not in CPP_DTYPES or weight.dtype != x.dtype or bias.dtype != x.dtype:
+    if x.device.type != "cpu" or not _cpp_dtypes(x, weight, bias):
         raise KernelInputError(f"norm_relu_pool_cpp: CPU tensors of one dtype in {CPP_DTYPES} only, got "
                                f"{x.dtype}/{weight.dtype}/{bias.dtype} on {x.device}")
     return _NormReLUPool.apply(x, weight, bias, pool, eps)[0]
@@ -95,10 +99,9 @@ def norm_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, po
                    eps: float = 1e-5) -> torch.Tensor:
     """Public dispatch: the C++ op where policy.backend selects it and the dtypes allow, else
     the reference twin."""
+    if policy.backend("norm_relu_pool", x.device) == "cpp" and _cpp_dtypes(x, weight, bias):
+        return norm_relu_pool_cpp(x, weight, bias, pool, eps)
     _check(x, weight, bias, pool)
-    same = weight.dtype == x.dtype and bias.dtype == x.dtype
-    if policy.backend("norm_relu_pool", x.device) == "cpp" and x.dtype in CPP_DTYPES and same:
-        return _NormReLUPool.apply(x, weight, bias, pool, eps)[0]
     return norm_relu_pool_reference(x, weight, bias, pool, eps)
 
 

@@ -7,7 +7,8 @@ Modes (the config field `sampling.kernels`; the environment variable LGD_KERNELS
            Triton kernel on a CUDA GPU only if `validated.json` (next to this file) records a
            GPU check of that kernel (benchmarks/gpu_check.py --record) on a GPU of the same
            compute capability that found it correct at the real shapes and faster than what
-           inductor makes of the plain ops. Everything else runs the plain torch twin, which torch.compile fuses itself.
+           inductor makes of the plain ops. Everything else runs the plain torch twin, which
+           torch.compile fuses itself.
     fused  every fused kernel the device has: Triton on CUDA, the C++ ops on CPU.
     torch  the plain torch twins everywhere.
 
