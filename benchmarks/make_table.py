@@ -79,9 +79,12 @@ def goals_section(records: list[Record], tops: dict[int, float]) -> str | None:
                   reference=e.per_image[1] / 1e9, fast_rate=e.rate[0] / 1e9, reference_rate=e.rate[1] / 1e9,
                   ceiling=f" ({100 * e.rate[0] / e.top:.0f} % of the matmul ceiling)" if e.top else "")
              for e in projection.demo_efficiency(records, tops)]
+    demo = [r for r in by_kernel(records, "guided_step") if r.config.get("preset") == "demo"]
+    params = demo[0].config["dit"]["params"] / 1e6 if demo else None
     return fill(TEMPLATE["goals"], table=table(["goal", "threads", "measured", "met"], rows),
                 bound=igd_bound(records, tops),
-                efficiency=fill(TEMPLATE["goals.efficiency"], items="\n".join(items)) if items else None)
+                efficiency=fill(TEMPLATE["goals.efficiency"], items="\n".join(items), params=params)
+                if items and params else None)
 
 
 def igd_bound(records: list[Record], tops: dict[int, float]) -> str | None:
@@ -345,10 +348,14 @@ def update_sections(paths: list[Path]) -> str:
 
 
 def splice(existing: str, sections: str) -> str:
-    """`existing` with each section that `sections` has (by its "## " title) replaced, put at the end."""
-    titles = tuple(line for line in sections.splitlines() if line.startswith("## "))
-    kept = [b for b in re.split(r"(?m)^(?=## )", existing) if not b.startswith(titles)]
-    return "".join(kept).rstrip() + "\n\n" + sections
+    """`existing` with each section that `sections` has (by its "## " title) replaced where it
+    stands; sections it did not have go at the end."""
+    split = lambda text: [b.rstrip() + "\n" for b in re.split(r"(?m)^(?=## )", text) if b.strip()]
+    title = lambda block: block.splitlines()[0]
+    new = {title(b): b for b in split(sections) if b.startswith("## ")}
+    old = split(existing)
+    blocks = [new.pop(title(b), b) for b in old] + list(new.values())
+    return "\n".join(blocks)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,6 @@ import functools
 from collections.abc import Callable
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
 from lgd.errors import ConfigError
@@ -127,6 +126,10 @@ def apply_speedups(
     if compile and device.type == "cpu":
         dit.set_attention_backend("math")
         if isinstance(codec, LatentCodec):
+            # imported here: diffusers costs ~2.5 s to import, and the trainings that import
+            # this module (every `lgd evaluate` process) never touch a VAE
+            from diffusers.models.attention_processor import AttnProcessor
+
             codec.vae.set_attn_processor(AttnProcessor())
 
     # forward_with_cfg calls self(...), i.e. the patched forward below; when both are
