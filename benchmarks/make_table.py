@@ -79,12 +79,12 @@ def goals_section(records: list[Record], tops: dict[int, float]) -> str | None:
                   reference=e.per_image[1] / 1e9, fast_rate=e.rate[0] / 1e9, reference_rate=e.rate[1] / 1e9,
                   ceiling=f" ({100 * e.rate[0] / e.top:.0f} % of the matmul ceiling)" if e.top else "")
              for e in projection.demo_efficiency(records, tops)]
-    demo = [r for r in by_kernel(records, "guided_step") if r.config.get("preset") == "demo"]
-    params = demo[0].config["dit"]["params"] / 1e6 if demo else None
+    efficiency = None
+    if items:  # demo_efficiency's items come from the demo's step records
+        dit = next(r.config["dit"] for r in by_kernel(records, "guided_step") if r.config.get("preset") == "demo")
+        efficiency = fill(TEMPLATE["goals.efficiency"], items="\n".join(items), params=dit["params"] / 1e6)
     return fill(TEMPLATE["goals"], table=table(["goal", "threads", "measured", "met"], rows),
-                bound=igd_bound(records, tops),
-                efficiency=fill(TEMPLATE["goals.efficiency"], items="\n".join(items), params=params)
-                if items and params else None)
+                bound=igd_bound(records, tops), efficiency=efficiency)
 
 
 def igd_bound(records: list[Record], tops: dict[int, float]) -> str | None:

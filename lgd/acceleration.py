@@ -126,8 +126,8 @@ def apply_speedups(
     if compile and device.type == "cpu":
         dit.set_attention_backend("math")
         if isinstance(codec, LatentCodec):
-            # imported here: diffusers costs ~2.5 s to import, and the trainings that import
-            # this module (every `lgd evaluate` process) never touch a VAE
+            # imported here, not at the top: every `lgd evaluate` process imports this module
+            # for its trainings and never touches a VAE (measured: its import 4.3 -> 3.3 s)
             from diffusers.models.attention_processor import AttnProcessor
 
             codec.vae.set_attn_processor(AttnProcessor())
